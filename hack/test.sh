@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The README's test command: installs what the tests need, then runs every
+# test with the race detector. In CI (CI=true) missing tools fail tests
+# instead of skipping them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash hack/deps.sh
+export PATH="$(go env GOPATH)/bin:$PATH"
+if [ "${CI:-}" = "true" ]; then export WRITEBOOST_REQUIRE_TOOLS=1; fi
+echo "== gofmt / go vet"
+out=$(gofmt -l $(git ls-files '*.go')); if [ -n "$out" ]; then echo "gofmt needed:"; echo "$out"; exit 1; fi
+go vet ./...
+echo "== go test -race"
+# -p 1 for the packages that mount filesystems and attach loop devices, so
+# they do not compete; unit packages run in parallel first.
+go test -race -timeout 30m $(go list ./... | grep -v -e /test/) "$@"
+go test -race -p 1 -timeout 30m ./test/... "$@"

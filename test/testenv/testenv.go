@@ -1,0 +1,51 @@
+// Package testenv lets tests that need external tools, root or kernel
+// features skip with a clear message on a developer's machine, and fail
+// instead in CI, where hack/deps.sh installs everything
+// (WRITEBOOST_REQUIRE_TOOLS=1), so a CI run can never pass by skipping.
+package testenv
+
+import (
+	"os"
+	"os/exec"
+	"testing"
+)
+
+// Strict reports whether missing prerequisites must fail tests.
+func Strict() bool { return os.Getenv("WRITEBOOST_REQUIRE_TOOLS") == "1" }
+
+// Skipf skips the test, or fails it in strict mode.
+func Skipf(t testing.TB, format string, args ...any) {
+	t.Helper()
+	if Strict() {
+		t.Fatalf("prerequisite missing (WRITEBOOST_REQUIRE_TOOLS=1): "+format, args...)
+	}
+	t.Skipf("skipping: "+format+" (install with hack/deps.sh)", args...)
+}
+
+// RequireTools skips (or fails, in strict mode) unless every tool is on PATH.
+func RequireTools(t testing.TB, tools ...string) {
+	t.Helper()
+	for _, tool := range tools {
+		if _, err := exec.LookPath(tool); err != nil {
+			Skipf(t, "%s not found on PATH", tool)
+		}
+	}
+}
+
+// RequireRoot skips (or fails, in strict mode) unless running as root.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		Skipf(t, "test needs root")
+	}
+}
+
+// RequireFile skips unless path exists. Kernel features that CI machines
+// lack (the nbd driver) use this with Skip semantics even in strict mode,
+// since no package can install them.
+func RequireKernelFeature(t testing.TB, path, what string) {
+	t.Helper()
+	if _, err := os.Stat(path); err != nil {
+		t.Skipf("skipping: %s not available (%s absent); this kernel lacks it", what, path)
+	}
+}
