@@ -367,3 +367,24 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+func TestWriteStatusNamesEveryField(t *testing.T) {
+	st := engine.Status{NrDirtyCacheBlocks: 12, CacheSize: 1 << 30, ReadHitRatio: 0.5,
+		Tunables: engine.DefaultTunables(), Stat: engine.Counters{WriteMissCachePartial: 3}}
+	var b strings.Builder
+	if err := WriteStatus(&b, st); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	for _, want := range []string{
+		"nr_dirty_cache_blocks ", " 12\n", "cache_size", "(1.0 GiB)", "(50.0%)",
+		"stat:", "  write_miss_cache_partial", "tunables:", "  writeback_threshold",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status text lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "last_error") {
+		t.Errorf("empty last_error printed:\n%s", out)
+	}
+}
