@@ -359,3 +359,67 @@ func BenchmarkMemCrashImage(b *testing.B) {
 		m.CrashImage(CrashTear, rng)
 	}
 }
+
+// TestMemAgainstReference drives random writes, zeroes and flushes and
+// compares the device and its crash images with a flat reference: live
+// reads see the latest data; DropAll gives exactly the flushed state;
+// KeepAll exactly the latest; KeepSubset and Tear give, per sector, the
+// flushed contents or one of the versions written since.
+func TestMemAgainstReference(t *testing.T) {
+	const size = 256 << 10
+	const sectors = size / SectorSize
+	rng := rand.New(rand.NewSource(9))
+	m := NewMem(size, nil)
+	cur := make([]byte, size)
+	durable := make([]byte, size)
+	since := make([]map[string]bool, sectors) // versions written since the last flush
+	for step := range 400 {
+		off := rng.Int63n(sectors) * SectorSize
+		n := min(int64(1+rng.Intn(40))*SectorSize, size-off)
+		switch r := rng.Intn(10); {
+		case r < 6:
+			p := make([]byte, n)
+			rng.Read(p)
+			mustWrite(t, m, p, off)
+			copy(cur[off:], p)
+		case r < 8:
+			if err := m.Zero(off, n); err != nil {
+				t.Fatal(err)
+			}
+			clear(cur[off : off+n])
+		default:
+			if err := m.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			copy(durable, cur)
+			clear(since)
+		}
+		for s := off / SectorSize; s < (off+n)/SectorSize; s++ {
+			if since[s] == nil {
+				since[s] = map[string]bool{}
+			}
+			since[s][string(cur[s*SectorSize:(s+1)*SectorSize])] = true
+		}
+		if step%10 != 0 {
+			continue
+		}
+		if got := mustRead(t, m, size, 0); !bytes.Equal(got, cur) {
+			t.Fatalf("step %d: live contents differ", step)
+		}
+		if got := mustRead(t, m.CrashImage(CrashDropAll, rng), size, 0); !bytes.Equal(got, durable) {
+			t.Fatalf("step %d: DropAll differs from the flushed state", step)
+		}
+		if got := mustRead(t, m.CrashImage(CrashKeepAll, rng), size, 0); !bytes.Equal(got, cur) {
+			t.Fatalf("step %d: KeepAll differs from the latest state", step)
+		}
+		for _, mode := range []CrashMode{CrashKeepSubset, CrashTear} {
+			img := mustRead(t, m.CrashImage(mode, rng), size, 0)
+			for s := range sectors {
+				sec := img[s*SectorSize : (s+1)*SectorSize]
+				if !bytes.Equal(sec, durable[s*SectorSize:(s+1)*SectorSize]) && !since[s][string(sec)] {
+					t.Fatalf("step %d %v: sector %d holds data never written to it since the flush", step, mode, s)
+				}
+			}
+		}
+	}
+}
