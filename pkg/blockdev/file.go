@@ -52,7 +52,7 @@ type File struct {
 
 // OpenFile opens path (a regular file or a block device) as a Device. Its
 // size is the file's size (BLKGETSIZE64 for a block device) rounded down
-// to a multiple of SectorSize.
+// to a multiple of SectorSize, or with Direct of the O_DIRECT alignment.
 func OpenFile(path string, o FileOptions) (*File, error) {
 	flags := os.O_RDWR
 	if o.ReadOnly {
@@ -121,6 +121,12 @@ func (d *File) probe() error {
 			// The filesystem says it cannot do direct I/O to this file
 			// even though open accepted O_DIRECT.
 			return fmt.Errorf("blockdev: open %s: the filesystem does not support O_DIRECT on this file; open without Direct: %w", d.path, syscall.EINVAL)
+		}
+		// A partial block at the end cannot be written with O_DIRECT
+		// (the aligned write would grow the file or fail); leave it out.
+		if tail := d.size % d.align; tail != 0 {
+			klog.InfoS("Direct I/O cannot use the partial block at the end; ignoring it", "path", d.path, "bytes", tail)
+			d.size -= tail
 		}
 	}
 	return nil

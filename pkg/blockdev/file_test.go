@@ -319,3 +319,31 @@ func TestFileZeroWritesWhenNoHoles(t *testing.T) {
 		t.Fatal("claims to deallocate without hole punching")
 	}
 }
+
+func TestFileDirectIgnoresPartialTail(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "odd.img")
+	if err := CreateSparseFile(path, 64<<10+512); err != nil {
+		t.Fatal(err)
+	}
+	d, err := OpenFile(path, FileOptions{Direct: true})
+	if err != nil {
+		if strings.Contains(err.Error(), "O_DIRECT") {
+			t.Skipf("skipping: %v", err)
+		}
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if d.Size()%d.align != 0 || d.Size() < 64<<10 {
+		t.Fatalf("size %d with alignment %d", d.Size(), d.align)
+	}
+	// Force 4 KiB alignment: the 512-byte tail is then out of reach.
+	d.align, d.memAlign = 4096, 4096
+	d.size = 64 << 10
+	mustWrite(t, d, fill(5, 512), 64<<10-512) // read-modify-write of the last whole block
+	if fi, _ := os.Stat(path); fi.Size() != 64<<10+512 {
+		t.Fatalf("file size changed to %d", fi.Size())
+	}
+	if got := mustRead(t, d, 512, 64<<10-512); !bytes.Equal(got, fill(5, 512)) {
+		t.Fatal("last sector not written")
+	}
+}
