@@ -1,0 +1,377 @@
+package nbd
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"math/bits"
+	"net"
+	"sync"
+	"time"
+
+	"k8s.io/klog/v2"
+)
+
+// reply is one completed request, queued for the writer goroutine.
+type reply struct {
+	handle uint64
+	errno  uint32
+	data   []byte  // READ payload, nil otherwise
+	buf    *[]byte // pooled buffer holding data (or a WRITE payload) to recycle
+	weight int64   // bytes charged to the connection's budget
+}
+
+// conn is one client connection. Three roles:
+//   - the reader (serve) parses requests, bounds what is in flight with the
+//     budget, and starts one goroutine per request;
+//   - request goroutines (do) call the backend and queue a reply, so a slow
+//     request never holds up the others and replies go out in any order;
+//   - the writer (writeLoop) serialises replies through a bufio.Writer and
+//     flushes only when the queue is empty, so a burst of completions costs
+//     one syscall.
+type conn struct {
+	srv *Server
+	nc  net.Conn
+	br  *bufio.Reader
+	bw  *bufio.Writer
+	exp *exportState
+
+	replies chan reply
+	work    sync.WaitGroup
+	budget  budget
+
+	stopOnce sync.Once
+	stopped  chan struct{} // closed by stopReading
+}
+
+func newConn(s *Server, nc net.Conn) *conn {
+	c := &conn{
+		srv:     s,
+		nc:      nc,
+		br:      bufio.NewReaderSize(nc, 256<<10),
+		bw:      bufio.NewWriterSize(nc, 256<<10),
+		replies: make(chan reply, s.cfg.MaxInFlightRequests+1),
+		stopped: make(chan struct{}),
+	}
+	c.budget.init(s.cfg.MaxInFlightBytes, s.cfg.MaxInFlightRequests)
+	return c
+}
+
+// stopReading makes the reader stop at the next request boundary it reaches
+// (or at once if it is blocked waiting for one).
+func (c *conn) stopReading() {
+	c.stopOnce.Do(func() {
+		close(c.stopped)
+		_ = c.nc.SetReadDeadline(time.Now())
+	})
+}
+
+func (c *conn) isStopped() bool {
+	select {
+	case <-c.stopped:
+		return true
+	default:
+		return false
+	}
+}
+
+func (c *conn) serve() {
+	defer c.nc.Close()
+	remote := c.nc.RemoteAddr().String()
+	_ = c.nc.SetDeadline(time.Now().Add(c.srv.cfg.HandshakeTimeout))
+	exp, err := handshake(c.srv, c.br, c.bw)
+	if err != nil {
+		if errors.Is(err, errAbort) || errors.Is(err, io.EOF) {
+			klog.V(4).InfoS("NBD client left during handshake", "remote", remote, "reason", err)
+		} else {
+			klog.InfoS("NBD handshake failed, closing connection", "remote", remote, "err", err)
+		}
+		return
+	}
+	if c.isStopped() {
+		return
+	}
+	_ = c.nc.SetDeadline(time.Time{})
+	if c.isStopped() { // Shutdown raced with the deadline reset
+		_ = c.nc.SetReadDeadline(time.Now())
+	}
+	c.exp = exp
+	klog.V(2).InfoS("NBD client connected", "remote", remote, "export", exp.Name, "flags", fmt.Sprintf("%#x", exp.flags))
+
+	writerDone := make(chan struct{})
+	go func() {
+		c.writeLoop()
+		close(writerDone)
+	}()
+	if err := c.readLoop(); err != nil {
+		klog.InfoS("Closing NBD connection", "remote", remote, "export", exp.Name, "reason", err)
+	}
+	// Finish what was read: every request gets its reply before the close.
+	c.work.Wait()
+	close(c.replies)
+	<-writerDone
+	klog.V(2).InfoS("NBD client disconnected", "remote", remote, "export", exp.Name)
+}
+
+// readLoop reads requests until DISC, EOF, shutdown, or a protocol
+// violation, which it returns as the reason to close.
+func (c *conn) readLoop() error {
+	var hdr [requestHdrSize]byte
+	exp := c.exp
+	for {
+		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
+			if c.isStopped() || errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			return fmt.Errorf("read request: %w", err)
+		}
+		req, err := parseRequest(&hdr)
+		if err != nil {
+			return err
+		}
+		if req.typ == cmdDisc {
+			return nil
+		}
+		var weight int64 = int64(req.length)
+		if req.typ != cmdRead && req.typ != cmdWrite {
+			weight = 0 // no payload either way
+		}
+		if weight > int64(exp.maxLength) {
+			if req.typ == cmdWrite {
+				// We will not buffer it and cannot skip it cheaply.
+				return fmt.Errorf("WRITE of %d bytes exceeds the %d byte limit", req.length, exp.maxLength)
+			}
+			c.budget.acquire(0)
+			c.queue(reply{handle: req.handle, errno: errInval})
+			continue
+		}
+		c.budget.acquire(weight)
+
+		var buf *[]byte
+		if req.typ == cmdWrite {
+			buf = getBuf(int(req.length))
+			if _, err := io.ReadFull(c.br, (*buf)[:req.length]); err != nil {
+				putBuf(buf)
+				c.budget.release(weight)
+				return fmt.Errorf("read WRITE payload: %w", err)
+			}
+		}
+		if errno := c.check(req); errno != 0 {
+			c.queue(reply{handle: req.handle, errno: errno, buf: buf, weight: weight})
+			continue
+		}
+		c.work.Add(1)
+		go c.do(req, buf, weight)
+	}
+}
+
+// check validates a request against the export before any backend call.
+func (c *conn) check(req request) uint32 {
+	exp := c.exp
+	if c.srv.closing.Load() {
+		return errShutdown
+	}
+	switch req.typ {
+	case cmdRead, cmdWrite, cmdTrim, cmdWriteZeroes:
+	case cmdFlush:
+		return 0
+	default: // CACHE, BLOCK_STATUS (never advertised) and unknown commands
+		return errInval
+	}
+	write := req.typ != cmdRead
+	if write && exp.ReadOnly {
+		return errPerm
+	}
+	if (req.typ == cmdTrim && exp.trimmer == nil) || (req.typ == cmdWriteZeroes && exp.zeroer == nil) {
+		return errInval
+	}
+	if req.offset > exp.size || uint64(req.length) > exp.size-req.offset {
+		// The spec: ENOSPC for writes beyond the end, EINVAL for reads and trims.
+		if req.typ == cmdWrite || req.typ == cmdWriteZeroes {
+			return errNoSpc
+		}
+		return errInval
+	}
+	return 0
+}
+
+// do runs one request against the backend and queues its reply.
+func (c *conn) do(req request, buf *[]byte, weight int64) {
+	defer c.work.Done()
+	exp := c.exp
+	r := reply{handle: req.handle, weight: weight, buf: buf}
+	off := int64(req.offset)
+	n := int64(req.length)
+	fua := req.flags&cmdFlagFUA != 0
+	var err error
+	switch req.typ {
+	case cmdRead:
+		r.buf = getBuf(int(n))
+		p := (*r.buf)[:n]
+		var got int
+		got, err = exp.Backend.ReadAt(p, off)
+		if got == len(p) {
+			err = nil // io.EOF with a full buffer is success
+		} else if err == nil {
+			err = io.ErrUnexpectedEOF
+		}
+		if err == nil {
+			// Data in hand: only now may a success header be sent.
+			r.data = p
+		}
+	case cmdWrite:
+		p := (*buf)[:n]
+		if fua && exp.fua != nil {
+			err = exp.fua.WriteFUA(p, off)
+		} else {
+			_, err = exp.Backend.WriteAt(p, off)
+			if err == nil && fua && exp.flusher != nil {
+				err = exp.flusher.Flush()
+			}
+		}
+	case cmdFlush:
+		// Every write replied to before this FLUSH was read had returned
+		// from the backend, so a backend Flush now covers all of them.
+		if exp.flusher != nil {
+			err = exp.flusher.Flush()
+		}
+	case cmdTrim:
+		err = exp.trimmer.Trim(off, n)
+		if err == nil && fua && exp.flusher != nil {
+			err = exp.flusher.Flush()
+		}
+	case cmdWriteZeroes:
+		// NO_HOLE needs nothing: our zeros always read back as zeros and
+		// allocation is advisory (see Zeroer).
+		err = exp.zeroer.WriteZeroes(off, n)
+		if err == nil && fua && exp.flusher != nil {
+			err = exp.flusher.Flush()
+		}
+	}
+	if err != nil {
+		r.errno = Errno(err)
+		r.data = nil
+		klog.V(2).InfoS("NBD request failed", "export", exp.Name, "cmd", cmdName(req.typ), "offset", off, "length", n, "errno", r.errno, "err", err)
+	}
+	c.replies <- r
+}
+
+// queue sends a reply produced by the reader itself (validation errors).
+// Like every reply it must have been charged to the budget.
+func (c *conn) queue(r reply) { c.replies <- r }
+
+// writeLoop writes replies in completion order. After a write error it
+// keeps draining (recycling buffers and budget) so nothing blocks, and
+// closes the socket so the reader stops.
+func (c *conn) writeLoop() {
+	var hdr [replyHdrSize]byte
+	var werr error
+	for r := range c.replies {
+		for {
+			if werr == nil {
+				putReply(hdr[:], r.errno, r.handle)
+				if _, werr = c.bw.Write(hdr[:]); werr == nil && r.data != nil {
+					_, werr = c.bw.Write(r.data)
+				}
+				if werr != nil {
+					c.fail(werr)
+				}
+			}
+			if r.buf != nil {
+				putBuf(r.buf)
+			}
+			c.budget.release(r.weight)
+			var ok bool
+			select {
+			case r, ok = <-c.replies:
+				if !ok {
+					goto flush
+				}
+				continue
+			default:
+			}
+			break
+		}
+	flush:
+		if werr == nil {
+			if werr = c.bw.Flush(); werr != nil {
+				c.fail(werr)
+			}
+		}
+	}
+}
+
+func (c *conn) fail(err error) {
+	if !c.isStopped() {
+		klog.InfoS("NBD reply write failed, closing connection", "remote", c.nc.RemoteAddr().String(), "err", err)
+	}
+	c.nc.Close()
+}
+
+// budget bounds the requests and payload bytes in flight on a connection.
+// Only the reader acquires, so there is no fairness to worry about.
+type budget struct {
+	mu       sync.Mutex
+	cond     sync.Cond
+	bytes    int64
+	count    int
+	maxBytes int64
+	maxCount int
+}
+
+func (b *budget) init(maxBytes int64, maxCount int) {
+	b.cond.L = &b.mu
+	b.maxBytes, b.maxCount = maxBytes, maxCount
+}
+
+func (b *budget) acquire(n int64) {
+	b.mu.Lock()
+	for b.count > 0 && (b.count >= b.maxCount || b.bytes+n > b.maxBytes) {
+		b.cond.Wait()
+	}
+	b.bytes += n
+	b.count++
+	b.mu.Unlock()
+}
+
+func (b *budget) release(n int64) {
+	b.mu.Lock()
+	b.bytes -= n
+	b.count--
+	b.mu.Unlock()
+	b.cond.Signal()
+}
+
+// Payload buffers come from per-size-class pools (powers of two from 4 KiB
+// to MaxPayload) so a steady stream of requests allocates nothing.
+const (
+	minBufShift = 12
+	maxBufShift = 25 // MaxPayload
+)
+
+var bufPools [maxBufShift - minBufShift + 1]sync.Pool
+
+func bufClass(n int) int {
+	if n <= 1<<minBufShift {
+		return 0
+	}
+	return bits.Len(uint(n-1)) - minBufShift
+}
+
+func getBuf(n int) *[]byte {
+	cl := bufClass(n)
+	if v := bufPools[cl].Get(); v != nil {
+		return v.(*[]byte)
+	}
+	b := make([]byte, 1<<(cl+minBufShift))
+	return &b
+}
+
+func putBuf(b *[]byte) {
+	cl := bufClass(cap(*b))
+	if cl < len(bufPools) && cap(*b) == 1<<(cl+minBufShift) {
+		*b = (*b)[:cap(*b)]
+		bufPools[cl].Put(b)
+	}
+}
