@@ -7,13 +7,14 @@ import (
 	"io"
 	"math/bits"
 	"net"
-	"sync"
+		"sync"
+	"sync/atomic"
 	"time"
 
 	"k8s.io/klog/v2"
 )
 
-// reply is one completed request, queued for the writer goroutine.
+// reply is one completed request, to be sent.
 type reply struct {
 	handle uint64
 	errno  uint32
@@ -22,14 +23,11 @@ type reply struct {
 	weight int64   // bytes charged to the connection's budget
 }
 
-// conn is one client connection. Three roles:
-//   - the reader (serve) parses requests, bounds what is in flight with the
-//     budget, and starts one goroutine per request;
-//   - request goroutines (do) call the backend and queue a reply, so a slow
-//     request never holds up the others and replies go out in any order;
-//   - the writer (writeLoop) serialises replies through a bufio.Writer and
-//     flushes only when the queue is empty, so a burst of completions costs
-//     one syscall.
+// conn is one client connection. The reader (serve) parses requests,
+// bounds what is in flight with the budget, and starts one goroutine per
+// request; each request goroutine (do) calls the backend and sends its own
+// reply (see send), so a slow request never holds up the others and
+// replies go out in completion order.
 type conn struct {
 	srv *Server
 	nc  net.Conn
@@ -37,9 +35,13 @@ type conn struct {
 	bw  *bufio.Writer
 	exp *exportState
 
-	replies chan reply
-	work    sync.WaitGroup
-	budget  budget
+	work   sync.WaitGroup
+	budget budget
+
+	ready       atomic.Int32 // replies waiting to be written
+	wmu         sync.Mutex   // serialises replies on bw
+	werr        error        // first write error, under wmu
+	closedOnErr bool         // under wmu
 
 	stopOnce sync.Once
 	stopped  chan struct{} // closed by stopReading
@@ -51,7 +53,6 @@ func newConn(s *Server, nc net.Conn) *conn {
 		nc:      nc,
 		br:      bufio.NewReaderSize(nc, 256<<10),
 		bw:      bufio.NewWriterSize(nc, 256<<10),
-		replies: make(chan reply, s.cfg.MaxInFlightRequests+1),
 		stopped: make(chan struct{}),
 	}
 	c.budget.init(s.cfg.MaxInFlightBytes, s.cfg.MaxInFlightRequests)
@@ -99,18 +100,11 @@ func (c *conn) serve() {
 	c.exp = exp
 	klog.V(2).InfoS("NBD client connected", "remote", remote, "export", exp.Name, "flags", fmt.Sprintf("%#x", exp.flags))
 
-	writerDone := make(chan struct{})
-	go func() {
-		c.writeLoop()
-		close(writerDone)
-	}()
 	if err := c.readLoop(); err != nil {
 		klog.InfoS("Closing NBD connection", "remote", remote, "export", exp.Name, "reason", err)
 	}
 	// Finish what was read: every request gets its reply before the close.
 	c.work.Wait()
-	close(c.replies)
-	<-writerDone
 	klog.V(2).InfoS("NBD client disconnected", "remote", remote, "export", exp.Name)
 }
 
@@ -143,7 +137,7 @@ func (c *conn) readLoop() error {
 				return fmt.Errorf("WRITE of %d bytes exceeds the %d byte limit", req.length, exp.maxLength)
 			}
 			c.budget.acquire(0)
-			c.queue(reply{handle: req.handle, errno: errInval})
+			c.send(reply{handle: req.handle, errno: errInval})
 			continue
 		}
 		c.budget.acquire(weight)
@@ -158,7 +152,7 @@ func (c *conn) readLoop() error {
 			}
 		}
 		if errno := c.check(req); errno != 0 {
-			c.queue(reply{handle: req.handle, errno: errno, buf: buf, weight: weight})
+			c.send(reply{handle: req.handle, errno: errno, buf: buf, weight: weight})
 			continue
 		}
 		c.work.Add(1)
@@ -254,52 +248,41 @@ func (c *conn) do(req request, buf *[]byte, weight int64) {
 		r.data = nil
 		klog.V(2).InfoS("NBD request failed", "export", exp.Name, "cmd", cmdName(req.typ), "offset", off, "length", n, "errno", r.errno, "err", err)
 	}
-	c.replies <- r
+	c.send(r)
 }
 
-// queue sends a reply produced by the reader itself (validation errors).
-// Like every reply it must have been charged to the budget.
-func (c *conn) queue(r reply) { c.replies <- r }
-
-// writeLoop writes replies in completion order. After a write error it
-// keeps draining (recycling buffers and budget) so nothing blocks, and
-// closes the socket so the reader stops.
-func (c *conn) writeLoop() {
-	var hdr [replyHdrSize]byte
-	var werr error
-	for r := range c.replies {
-		for {
-			if werr == nil {
-				putReply(hdr[:], r.errno, r.handle)
-				if _, werr = c.bw.Write(hdr[:]); werr == nil && r.data != nil {
-					_, werr = c.bw.Write(r.data)
-				}
-				if werr != nil {
-					c.fail(werr)
-				}
-			}
-			if r.buf != nil {
-				putBuf(r.buf)
-			}
-			c.budget.release(r.weight)
-			var ok bool
-			select {
-			case r, ok = <-c.replies:
-				if !ok {
-					goto flush
-				}
-				continue
-			default:
-			}
-			break
-		}
-	flush:
-		if werr == nil {
-			if werr = c.bw.Flush(); werr != nil {
-				c.fail(werr)
-			}
+// send writes one reply. Whoever completes a request writes its reply
+// (no hand-off to a writer goroutine, which costs a wake-up per request);
+// the last of a burst of concurrent senders flushes, so replies that
+// complete together share one syscall and none waits behind a slow
+// request. Every reply must have been charged to the budget; send releases
+// it and recycles the buffer. After a write error the socket is closed so
+// the reader stops; later replies are dropped.
+func (c *conn) send(r reply) {
+	c.ready.Add(1)
+	c.wmu.Lock()
+	if c.werr == nil {
+		var hdr [replyHdrSize]byte
+		putReply(hdr[:], r.errno, r.handle)
+		if _, c.werr = c.bw.Write(hdr[:]); c.werr == nil && r.data != nil {
+			_, c.werr = c.bw.Write(r.data)
 		}
 	}
+	if c.ready.Add(-1) == 0 && c.werr == nil {
+		c.werr = c.bw.Flush()
+	}
+	failed := c.werr != nil && !c.closedOnErr
+	if failed {
+		c.closedOnErr = true
+	}
+	c.wmu.Unlock()
+	if failed {
+		c.fail(c.werr)
+	}
+	if r.buf != nil {
+		putBuf(r.buf)
+	}
+	c.budget.release(r.weight)
 }
 
 func (c *conn) fail(err error) {

@@ -12,7 +12,14 @@ import (
 // overlapping requests never interleave within a stripe.
 type MemBackend struct {
 	data  []byte
-	locks [memLocks]sync.RWMutex
+	locks [memLocks]paddedRWMutex
+}
+
+// paddedRWMutex keeps each lock on its own cache line, so requests on
+// neighbouring stripes do not slow each other down.
+type paddedRWMutex struct {
+	sync.RWMutex
+	_ [64 - 24]byte
 }
 
 const (
