@@ -7,7 +7,7 @@ import (
 	"io"
 	"math/bits"
 	"net"
-		"sync"
+	"sync"
 	"sync/atomic"
 	"time"
 
