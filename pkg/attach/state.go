@@ -1,0 +1,122 @@
+package attach
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// state is what survives a restart of the attaching process: enough to find
+// and detach (or reattach) an attachment. One JSON file per volume.
+type state struct {
+	Attachment
+	// Fallback path only.
+	MountDir    string `json:"mountDir,omitempty"`
+	BackingFile string `json:"backingFile,omitempty"`
+	NbdfusePID  int    `json:"nbdfusePid,omitempty"`
+}
+
+// stateName maps a volume id to a file name; ids may hold characters that
+// are not file-name safe, so anything else is escaped.
+func stateName(volumeID string) string {
+	var b strings.Builder
+	for _, r := range volumeID {
+		switch {
+		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '-', r == '_', r == '.':
+			b.WriteRune(r)
+		default:
+			fmt.Fprintf(&b, "%%%02x", r)
+		}
+	}
+	return b.String() + ".json"
+}
+
+// saveState writes the state atomically: temp file, fsync, rename, fsync of
+// the directory, so a crash leaves either the old or the new file.
+func saveState(dir string, s *state) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("state dir: %w", err)
+	}
+	b, err := json.MarshalIndent(s, "", "  ")
+	if err != nil {
+		return err
+	}
+	final := filepath.Join(dir, stateName(s.VolumeID))
+	tmp, err := os.CreateTemp(dir, ".tmp-*")
+	if err != nil {
+		return fmt.Errorf("state: %w", err)
+	}
+	defer os.Remove(tmp.Name()) // no-op after the rename
+	if _, err := tmp.Write(append(b, '\n')); err != nil {
+		tmp.Close()
+		return fmt.Errorf("state: write: %w", err)
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return fmt.Errorf("state: fsync: %w", err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("state: close: %w", err)
+	}
+	if err := os.Rename(tmp.Name(), final); err != nil {
+		return fmt.Errorf("state: rename: %w", err)
+	}
+	return syncDir(dir)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("fsync %s: %w", dir, err)
+	}
+	return nil
+}
+
+func loadState(dir, volumeID string) (*state, error) {
+	b, err := os.ReadFile(filepath.Join(dir, stateName(volumeID)))
+	if err != nil {
+		return nil, err
+	}
+	var s state
+	if err := json.Unmarshal(b, &s); err != nil {
+		return nil, fmt.Errorf("state of volume %q: %w", volumeID, err)
+	}
+	return &s, nil
+}
+
+func removeState(dir, volumeID string) error {
+	err := os.Remove(filepath.Join(dir, stateName(volumeID)))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return syncDir(dir)
+}
+
+// findStateByDevice scans the state dir for the attachment of device.
+func findStateByDevice(dir, device string) (*state, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	for _, e := range entries {
+		if e.IsDir() || !strings.HasSuffix(e.Name(), ".json") || strings.HasPrefix(e.Name(), ".") {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			continue
+		}
+		var s state
+		if json.Unmarshal(b, &s) == nil && s.Device == device {
+			return &s, nil
+		}
+	}
+	return nil, fmt.Errorf("no attachment of %s recorded in %s: %w", device, dir, os.ErrNotExist)
+}
