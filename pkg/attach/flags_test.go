@@ -47,7 +47,7 @@ func TestChooseBlockSize(t *testing.T) {
 	}{
 		{ExportInfo{Size: 1 << 30}, 4096},
 		{ExportInfo{Size: 1 << 30, MinBlock: 512, PrefBlock: 4096, MaxBlock: 32 << 20}, 4096},
-		{ExportInfo{Size: 1<<30 + 512}, 512},            // size not a 4K multiple
+		{ExportInfo{Size: 1<<30 + 512}, 512},             // size not a 4K multiple
 		{ExportInfo{Size: 1 << 30, MinBlock: 8192}, 512}, // odd server; let the kernel's checks speak
 		{ExportInfo{Size: 1 << 30, MaxBlock: 1024}, 512},
 	} {

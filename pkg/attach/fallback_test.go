@@ -1,0 +1,221 @@
+package attach
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// fallbackEnv is a sparse image served by nbdkit's file plugin through its
+// log filter (to count flushes), with a state dir and a mount point.
+type fallbackEnv struct {
+	dir, image, socket, logfile, stateDir, mnt string
+	srv                                        *nbdkitServer
+}
+
+func newFallbackEnv(t *testing.T, size int64) *fallbackEnv {
+	requireFallbackTools(t)
+	dir := t.TempDir()
+	e := &fallbackEnv{
+		dir: dir, image: filepath.Join(dir, "disk.img"), socket: filepath.Join(dir, "nbd.sock"),
+		logfile: filepath.Join(dir, "nbdkit.log"), stateDir: filepath.Join(dir, "state"), mnt: filepath.Join(dir, "mnt"),
+	}
+	cleanupUnder(t, dir)
+	f, err := os.Create(e.image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if err := os.Mkdir(e.mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	e.srv = startNbdkit(t, e.socket, "--filter=log", "file", e.image, "logfile="+e.logfile)
+	return e
+}
+
+func (e *fallbackEnv) opts(vol string) Options {
+	return Options{Socket: e.socket, VolumeID: vol, StateDir: e.stateDir, PreferMethod: MethodFallback, Timeout: 20 * time.Second}
+}
+
+func (e *fallbackEnv) attach(t *testing.T, vol string) *Attachment {
+	t.Helper()
+	a := mustAttach(t, e.opts(vol))
+	t.Cleanup(func() { _ = Detach(context.Background(), e.stateDir, a.Device) })
+	if a.Method != MethodFallback || !strings.HasPrefix(a.Device, "/dev/loop") {
+		t.Fatalf("attachment %+v: want a loop device by %s", a, MethodFallback)
+	}
+	fi, err := os.Stat(a.Device)
+	if err != nil || fi.Mode()&os.ModeDevice == 0 {
+		t.Fatalf("%s is not a block device: %v", a.Device, err)
+	}
+	return a
+}
+
+func TestFallbackFilesystemRoundTrip(t *testing.T) {
+	e := newFallbackEnv(t, 256<<20)
+	a := e.attach(t, "vol-roundtrip")
+	t.Logf("attached %s (%s)", a.Device, a.Detail)
+
+	// The record lets another process find and detach it.
+	st, err := loadState(e.stateDir, "vol-roundtrip")
+	if err != nil || st.Device != a.Device || st.NbdfusePID == 0 || !fallbackAlive(st) {
+		t.Fatalf("state %+v, %v", st, err)
+	}
+	// A second attach of the same volume is refused while the first lives.
+	if _, err := Attach(context.Background(), e.opts("vol-roundtrip")); !errors.Is(err, ErrAlreadyAttached) {
+		t.Fatalf("second Attach: %v; want ErrAlreadyAttached", err)
+	}
+
+	run(t, "mkfs.ext4", "-q", "-F", a.Device)
+	run(t, "mount", a.Device, e.mnt)
+	files := writeFiles(t, e.mnt, "a", 20, 64<<10)
+	before := countFlushes(t, e.logfile)
+	unix.Sync()
+	after := countFlushes(t, e.logfile)
+	if after <= before {
+		t.Fatalf("sync sent no NBD_CMD_FLUSH to the server (%d before, %d after)", before, after)
+	}
+	// fsync of one file must reach the server as well.
+	f, err := os.OpenFile(filepath.Join(e.mnt, "fsynced"), os.O_CREATE|os.O_WRONLY, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Write([]byte("durable")); err != nil {
+		t.Fatal(err)
+	}
+	before = countFlushes(t, e.logfile)
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if after := countFlushes(t, e.logfile); after <= before {
+		t.Fatalf("fsync sent no NBD_CMD_FLUSH (%d before, %d after)", before, after)
+	}
+	files["fsynced"] = []byte("durable")
+	run(t, "umount", e.mnt)
+	mustDetach(t, e.stateDir, a.Device)
+	if _, err := loadState(e.stateDir, "vol-roundtrip"); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("state left after detach: %v", err)
+	}
+	if isMountPoint(st.MountDir) {
+		t.Fatalf("FUSE mount %s left after detach", st.MountDir)
+	}
+	if _, err := os.Stat(st.MountDir); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("mount dir left after detach: %v", err)
+	}
+
+	// Everything is on the server: check the image directly, then read the
+	// files back through a fresh attachment.
+	run(t, "e2fsck", "-n", "-f", e.image)
+	a = e.attach(t, "vol-roundtrip")
+	run(t, "mount", "-o", "ro", a.Device, e.mnt)
+	checkFiles(t, e.mnt, files)
+	run(t, "umount", e.mnt)
+	mustDetach(t, e.stateDir, a.Device)
+}
+
+// TestFallbackServerRestartBetweenWrites restarts (SIGKILL) the server
+// between write phases, with the filesystem unmounted and the device
+// detached and attached again around it, which is what the fallback
+// supports (see TestFallbackServerRestartBreaksIO).
+func TestFallbackServerRestartBetweenWrites(t *testing.T) {
+	e := newFallbackEnv(t, 128<<20)
+	all := map[string][]byte{}
+	for phase, prefix := range []string{"p0", "p1", "p2"} {
+		a := e.attach(t, "vol-restart")
+		if phase == 0 {
+			run(t, "mkfs.ext4", "-q", "-F", a.Device)
+		}
+		run(t, "mount", a.Device, e.mnt)
+		checkFiles(t, e.mnt, all)
+		for k, v := range writeFiles(t, e.mnt, prefix, 10, 32<<10) {
+			all[k] = v
+		}
+		run(t, "umount", e.mnt)
+		mustDetach(t, e.stateDir, a.Device)
+		e.srv.kill()
+		e.srv.start()
+	}
+	run(t, "e2fsck", "-n", "-f", e.image)
+	a := e.attach(t, "vol-restart")
+	run(t, "mount", "-o", "ro", a.Device, e.mnt)
+	checkFiles(t, e.mnt, all)
+	run(t, "umount", e.mnt)
+	mustDetach(t, e.stateDir, a.Device)
+}
+
+// TestFallbackServerRestartBreaksIO documents what happens to a live
+// fallback attachment when its server restarts: nbdfuse exits, I/O on the
+// loop device fails, and the record is recognised as stale so the next
+// Attach replaces it.
+func TestFallbackServerRestartBreaksIO(t *testing.T) {
+	e := newFallbackEnv(t, 64<<20)
+	a := e.attach(t, "vol-break")
+	st, err := loadState(e.stateDir, "vol-break")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.srv.kill()
+	e.srv.start()
+
+	// Direct I/O so the page cache cannot hide the failure.
+	fd, err := unix.Open(a.Device, unix.O_RDWR|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	buf := make([]byte, 4096+4096)
+	off := 4096 - int(uintptrOf(buf)%4096)
+	blk := buf[off : off+4096]
+	var ioErr error
+	for i := 0; i < 200 && ioErr == nil; i++ { // nbdfuse notices on its next request or EOF
+		if _, err := unix.Pwrite(fd, blk, 0); err != nil {
+			ioErr = err
+			break
+		}
+		if _, err := unix.Pread(fd, blk, 0); err != nil {
+			ioErr = err
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if ioErr == nil {
+		t.Fatal("I/O kept working after the server restarted; if nbdfuse now reconnects, update the package doc")
+	}
+	t.Logf("I/O after server restart fails as documented: %v", ioErr)
+	for i := 0; i < 200 && isNbdfuse(st.NbdfusePID, st.MountDir); i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if fallbackAlive(st) {
+		t.Fatal("attachment still looks alive after nbdfuse lost its server")
+	}
+	unix.Close(fd)
+	fd = -1
+
+	// Reattach is refused honestly; a new Attach clears the stale record.
+	if _, err := Reattach(context.Background(), e.stateDir, "vol-break", UnixDialer(e.socket, "", time.Second), Options{}); !errors.Is(err, ErrReattachUnsupported) {
+		t.Fatalf("Reattach on the fallback: %v; want ErrReattachUnsupported", err)
+	}
+	a2 := e.attach(t, "vol-break")
+	f, err := os.OpenFile(a2.Device, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("after"), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatalf("fsync on the new attachment: %v", err)
+	}
+	f.Close()
+	mustDetach(t, e.stateDir, a2.Device)
+}
