@@ -362,7 +362,18 @@ func detachIoctl(device string) error {
 		defer f.Close()
 		return ioctl(f, nbdDisconnect, 0)
 	}
+	select {
+	case <-d.done: // already disconnected (the server went away); d.f is closed
+		return nil
+	default:
+	}
+	// d.f stays open until NBD_DO_IT returns, which needs this disconnect.
 	if err := ioctl(d.f, nbdDisconnect, 0); err != nil {
+		select {
+		case <-d.done:
+			return nil
+		default:
+		}
 		return fmt.Errorf("NBD_DISCONNECT %s: %w", device, err)
 	}
 	<-d.done
