@@ -77,7 +77,7 @@ func attachFallback(ctx context.Context, o Options) (_ *Attachment, err error) {
 		}
 	}()
 
-	logf, err := os.OpenFile(filepath.Join(o.StateDir, "fuse", filepath.Base(mnt)+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	logf, err := os.OpenFile(nbdfuseLog(mnt), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, err
 	}
@@ -204,6 +204,9 @@ func teardownFallback(ctx context.Context, st *state) error {
 		if err := os.Remove(st.MountDir); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}
+		if len(errs) == 0 {
+			_ = os.Remove(nbdfuseLog(st.MountDir))
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -277,3 +280,6 @@ func unescapeMountPath(s string) string {
 func fallbackAlive(st *state) bool {
 	return isNbdfuse(st.NbdfusePID, st.MountDir) && backedBy(st.Device, st.BackingFile)
 }
+
+// nbdfuseLog is where nbdfuse's output goes, next to its mount dir.
+func nbdfuseLog(mountDir string) string { return mountDir + ".log" }

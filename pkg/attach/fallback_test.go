@@ -219,3 +219,39 @@ func TestFallbackServerRestartBreaksIO(t *testing.T) {
 	f.Close()
 	mustDetach(t, e.stateDir, a2.Device)
 }
+
+// TestFallbackExportName checks the export name reaches the server intact
+// through nbdfuse's URI (spaces, slashes, '?' are escaped), and that a wrong
+// name fails at the handshake with the server's refusal.
+func TestFallbackExportName(t *testing.T) {
+	requireFallbackTools(t)
+	dir := t.TempDir()
+	cleanupUnder(t, dir)
+	sock := filepath.Join(dir, "nbd.sock")
+	const name = "vol a/b?x=1&y"
+	startNbdkit(t, sock, "--filter=exportname", "memory", "16M", "exportname="+name, "exportname-strict=true")
+	stateDir := filepath.Join(dir, "state")
+	o := Options{Socket: sock, Export: name, VolumeID: "vol-name", StateDir: stateDir, PreferMethod: MethodFallback, Timeout: 10 * time.Second}
+	a := mustAttach(t, o)
+	t.Cleanup(func() { _ = Detach(context.Background(), stateDir, a.Device) })
+	f, err := os.OpenFile(a.Device, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("hello"), 8192); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	mustDetach(t, stateDir, a.Device)
+	if entries, _ := os.ReadDir(filepath.Join(stateDir, "fuse")); len(entries) != 0 {
+		t.Fatalf("left in the fuse dir after detach: %v", entries)
+	}
+
+	o.Export, o.VolumeID = "wrong", "vol-wrong"
+	if _, err := Attach(context.Background(), o); !errors.Is(err, ErrHandshake) {
+		t.Fatalf("wrong export: %v; want ErrHandshake", err)
+	}
+}

@@ -315,8 +315,9 @@ func attachIoctl(ctx context.Context, o Options) (*Attachment, error) {
 		runtime.LockOSThread()
 		err := ioctl(dev, nbdDoIt, 0)
 		_ = ioctl(dev, nbdClearSock, 0)
-		dev.Close()
+		// dev stays open: detachIoctl may still be using it; it closes it.
 		d.done <- err
+		close(d.done)
 	}()
 	a := &Attachment{
 		Device: "/dev/nbd" + strconv.Itoa(idx), Method: MethodIoctl, VolumeID: o.VolumeID,
@@ -331,12 +332,14 @@ func attachIoctl(ctx context.Context, o Options) (*Attachment, error) {
 		}
 		select {
 		case err := <-d.done:
+			dev.Close()
 			return nil, fmt.Errorf("NBD_DO_IT on %s: %w", a.Device, err)
 		case <-time.After(5 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
 			_ = ioctl(dev, nbdDisconnect, 0)
 			<-d.done
+			dev.Close()
 			return nil, fmt.Errorf("%s did not come up", a.Device)
 		}
 	}
@@ -362,18 +365,13 @@ func detachIoctl(device string) error {
 		defer f.Close()
 		return ioctl(f, nbdDisconnect, 0)
 	}
+	defer d.f.Close()
 	select {
-	case <-d.done: // already disconnected (the server went away); d.f is closed
+	case <-d.done: // already disconnected (the server went away)
 		return nil
 	default:
 	}
-	// d.f stays open until NBD_DO_IT returns, which needs this disconnect.
 	if err := ioctl(d.f, nbdDisconnect, 0); err != nil {
-		select {
-		case <-d.done:
-			return nil
-		default:
-		}
 		return fmt.Errorf("NBD_DISCONNECT %s: %w", device, err)
 	}
 	<-d.done
