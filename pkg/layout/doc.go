@@ -1,0 +1,142 @@
+// Package layout specifies and encodes the on-disk format of a writeboost
+// cache device: the superblock, the checkpoint records and the segments of
+// the log. It does no I/O; pkg/engine reads and writes the blocks and
+// uses this package to build and check them.
+//
+// The format is the contract between every writeboost binary that will
+// ever open a cache, so:
+//
+//   - The constants of this package (sizes, offsets, magics, kinds) are
+//     part of the format. Changing one changes the format.
+//   - Encodings are only ever appended: a new field takes reserved (zero)
+//     bytes, a new metablock kind takes a new number, and the format
+//     version goes up. Bytes that are reserved in a version must be zero,
+//     and a decoder refuses non-zero reserved bytes and unknown flags and
+//     kinds, so data of a newer format is never misread.
+//   - The version only moves up. This code writes Version and reads
+//     MinVersion to Version; a cache from a newer writeboost is refused
+//     (ErrNewerVersion) rather than guessed at. The magic, the version
+//     and the checksum of the superblock keep their offsets in every
+//     version, so any version can be recognised.
+//   - Every structure carries a magic and a CRC-32C (Castagnoli), and
+//     identifies its cache: the superblock holds a random UUID, the
+//     checkpoints the UUID, segments the first 4 bytes of it (Tag), so a
+//     device holding something else, or left over from an earlier format,
+//     is refused. The decoders tell a never-written block (ErrBlank) from
+//     foreign data (ErrBadMagic) and from damage (ErrChecksum, ErrInvalid).
+//
+// All integers are little-endian. Sizes and offsets are in bytes unless
+// said otherwise. Decoders never panic on any input.
+//
+// # Device map
+//
+//	| offset         | size          | content                                  |
+//	|----------------|---------------|------------------------------------------|
+//	| 0              | 4096          | superblock, copy 0                       |
+//	| 4096           | 4096          | superblock, copy 1 (identical)           |
+//	| 8192           | 4096          | checkpoint slot 0 (even sequences)       |
+//	| 12288          | 4096          | checkpoint slot 1 (odd sequences)        |
+//	| 16384          | up to 1 MiB   | reserved, zero                           |
+//	| 1 MiB          | n x seg size  | segment ring: n = (cache size - 1 MiB) / |
+//	|                |               | segment size slots                       |
+//	| after the ring | rest          | unused                                   |
+//
+// # Superblock
+//
+// The superblock names the cache and fixes its geometry. Two identical
+// copies are written one after the other, each made durable before the
+// next, so a torn write can damage only one; the valid copy with the
+// higher sequence wins (ChooseSuperblock). Sequence bumps only when the
+// superblock is rewritten (for example when the backing device grows).
+//
+//	| off  | size | field                                                 |
+//	|------|------|-------------------------------------------------------|
+//	| 0    | 8    | magic "WBOOSTSB"                                      |
+//	| 8    | 4    | format version                                        |
+//	| 12   | 4    | flags, 0 in v1 (unknown bits are refused)             |
+//	| 16   | 16   | UUID of this cache                                    |
+//	| 32   | 8    | sequence, bumped on each rewrite                      |
+//	| 40   | 4    | block size: 4096                                      |
+//	| 44   | 4    | segment size: a multiple of 4096 in [16 KiB, MaxSegmentSize] |
+//	| 48   | 8    | size of the cache device it was formatted for         |
+//	| 56   | 8    | size of the backing device, a positive multiple of 4096 |
+//	| 64   | 8    | ring offset: 1 MiB                                    |
+//	| 72   | 8    | number of segments in the ring, >= 2, fitting the cache size |
+//	| 80   | 8    | creation time, unix nanoseconds                       |
+//	| 88   | 4004 | reserved, zero                                        |
+//	| 4092 | 4    | CRC-32C of bytes [0, 4092)                            |
+//
+// # Checkpoint
+//
+// A checkpoint record says how far the log is written back and how far it
+// was durable, so an open need not read the whole device. Records are
+// numbered from 1; record Seq goes to slot Seq%2 and is made durable
+// before record Seq+1 is written, so the previous record survives a torn
+// write. The valid record of this cache with the highest sequence wins
+// (ChooseCheckpoint); a fresh cache has none (both slots blank).
+//
+//	| off  | size | field                                                 |
+//	|------|------|-------------------------------------------------------|
+//	| 0    | 8    | magic "WBOOSTCP"                                      |
+//	| 8    | 16   | cache UUID                                            |
+//	| 24   | 8    | sequence, >= 1                                        |
+//	| 32   | 8    | last_writeback_id: every segment with id <= this is written back to the backing device, and the backing device was flushed |
+//	| 40   | 8    | last_flushed_id: every segment with id <= this was durable on the cache device when this record was written; >= last_writeback_id |
+//	| 48   | 4    | flags: bit 0 = clean shutdown (the log ends exactly at last_flushed_id); other bits 0 |
+//	| 52   | 4    | epoch: the run (open) of the cache that wrote this record |
+//	| 56   | 8    | time written, unix nanoseconds                        |
+//	| 64   | 4028 | reserved, zero                                        |
+//	| 4092 | 4    | CRC-32C of bytes [0, 4092)                            |
+//
+// # Segments
+//
+// The log is a ring of segments. A segment is SegmentSize bytes: one
+// header block, then SegmentSize/4096 - 1 data blocks. Segment ids start
+// at 1 and go up by one per segment (0 = never written); segment id lives
+// in slot (id-1) % n at offset 1 MiB + slot x segment size, and its data
+// block i at that offset + (1+i) x 4096, described by metablock i. Only
+// the header block and the data blocks of used metablocks are written.
+//
+// The header checksum covers the header and its metablocks, the data
+// checksum the data blocks, so a torn segment (the end of the log after a
+// crash) is recognised. The tag refuses segments of an earlier format of
+// the same device; the epoch (the run of the cache that wrote the
+// segment, recorded in the checkpoint too) lets recovery refuse a stale
+// segment beyond the end of a log it recovered earlier.
+//
+// Header block: the fixed header, then count metablocks, then zeros.
+//
+//	| off | size    | field                                               |
+//	|-----|---------|-----------------------------------------------------|
+//	| 0   | 4       | magic "WBSG"                                        |
+//	| 4   | 4       | header CRC-32C of bytes [8, 32 + 16 x count)        |
+//	| 8   | 8       | segment id, >= 1                                    |
+//	| 16  | 4       | cache tag: the first 4 bytes of the cache UUID      |
+//	| 20  | 4       | epoch: the run (open) of the cache that wrote it    |
+//	| 24  | 4       | data CRC-32C of the data blocks of the metablocks whose kind carries data (data, clean), in metablock order, each a full 4096-byte block; of no blocks: 0 |
+//	| 28  | 2       | count of metablocks used, <= data blocks per segment |
+//	| 30  | 2       | flags, 0 in v1 (others refused)                     |
+//	| 32  | 16 x count | metablocks                                       |
+//	| ... | to 4096 | zero (written so; not covered by the checksum, not checked) |
+//
+// At most MaxMetablocks = (4096 - 32) / 16 = 254 metablocks fit, so a
+// segment has at most 254 data blocks: MaxSegmentSize = 255 x 4096.
+//
+// Metablock:
+//
+//	| off | size | field                                                  |
+//	|-----|------|--------------------------------------------------------|
+//	| 0   | 8    | backing block number, in 4096-byte blocks              |
+//	| 8   | 1    | sector mask: bit i set = 512-byte sector i of the block is valid in this copy |
+//	| 9   | 1    | kind, below                                            |
+//	| 10  | 2    | reserved, zero                                         |
+//	| 12  | 4    | length in blocks (discard: >= 1; others: 0)            |
+//
+// Kinds:
+//
+//	| kind | name    | meaning                                                  | mask    | data block |
+//	|------|---------|----------------------------------------------------------|---------|------------|
+//	| 1    | data    | dirty sectors of the block, per mask                     | != 0    | yes        |
+//	| 2    | clean   | read-cache copy of the whole block, equal to the backing | 0xFF    | yes        |
+//	| 3    | discard | blocks [block, block+length) read as zeros from here on  | 0       | no (unused) |
+package layout
