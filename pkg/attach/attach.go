@@ -17,8 +17,10 @@
 //   - nbdfuse-loop: no kernel nbd at all (these machines, CI). nbdfuse
 //     (libnbd) exposes the export as a file on a private FUSE mount and a
 //     loop device (direct I/O where accepted) turns it into a block device.
-//     Flushes reach the server (see fallback.go), but a server restart kills
-//     nbdfuse: mounted filesystems do not survive it on this path.
+//     Flushes reach the server (see fallback.go). nbdfuse itself dies with
+//     its server connection; with Options.RelayCommand it talks through a
+//     relay (relay.go) that reconnects and resends unanswered requests, so
+//     a mounted filesystem survives a server restart on this path too.
 //
 // Every attachment is recorded atomically as a small JSON file in the
 // caller's state directory, so Detach works after a restart of the attaching
@@ -77,6 +79,18 @@ type Options struct {
 	// PreferMethod forces a method ("" = the best available).
 	PreferMethod string
 	ReadOnly     bool
+	// RelayCommand, on the nbdfuse-loop path, is the command line (program
+	// and leading arguments) that runs ServeRelay on stdin/stdout, e.g.
+	// {"/usr/bin/writeboost", "nbd-relay"}. nbdfuse then talks to the server
+	// through the relay, which reconnects and resends unanswered requests
+	// when the server restarts, so mounted filesystems survive it. Empty:
+	// nbdfuse connects directly and dies with the server's connection.
+	RelayCommand []string
+}
+
+// relayArgs are the arguments appended to Options.RelayCommand.
+func relayArgs(o Options) []string {
+	return []string{"--socket", o.Socket, "--export", o.Export, "--dead-conn-timeout", o.DeadConnTimeout.String()}
 }
 
 func (o Options) handshakeTimeout() time.Duration {

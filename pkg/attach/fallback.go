@@ -27,13 +27,16 @@ import (
 // which sends NBD_CMD_FLUSH. TestFallbackFlushReachesServer proves it by
 // counting flushes on the server.
 //
-// What it cannot do: nbdfuse (libnbd 1.14) does not reconnect. When the
-// server's connection drops, nbdfuse exits, the FUSE file disappears and
-// every I/O on the loop device fails. A mounted filesystem does NOT survive
-// a server restart on this path; the attachment must be detached and
-// attached again (after unmounting). TestFallbackServerRestartBreaksIO
-// shows it; production uses the kernel path, whose RECONFIGURE keeps I/O
-// held across a restart.
+// nbdfuse (libnbd 1.14) does not reconnect. Connected directly, when the
+// server's connection drops nbdfuse exits, the FUSE file disappears and
+// every I/O on the loop device fails: a mounted filesystem does not survive
+// a server restart (TestFallbackServerRestartBreaksIO). With
+// Options.RelayCommand nbdfuse runs the relay (relay.go) as its server, and
+// the relay reconnects and resends unanswered requests while I/O waits, for
+// up to the dead-connection timeout: the filesystem survives
+// (TestFallbackRelaySurvivesServerKill). Either way nbdfuse and the relay
+// are a process chain of their own; killing them (a pod restart that takes
+// the whole process tree) still breaks the device.
 
 const diskFile = "disk"
 
@@ -86,7 +89,13 @@ func attachFallback(ctx context.Context, o Options) (_ *Attachment, err error) {
 	if o.ReadOnly {
 		args = append(args, "--readonly")
 	}
-	args = append(args, st.BackingFile, nbdfuseURI(o.Socket, o.Export))
+	if len(o.RelayCommand) > 0 {
+		args = append(args, st.BackingFile, "--command")
+		args = append(args, o.RelayCommand...)
+		args = append(args, relayArgs(o)...)
+	} else {
+		args = append(args, st.BackingFile, nbdfuseURI(o.Socket, o.Export))
+	}
 	cmd := exec.Command("nbdfuse", args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Its own session: nbdfuse must outlive this process (and its signals)
@@ -122,12 +131,16 @@ func attachFallback(ctx context.Context, o Options) (_ *Attachment, err error) {
 		return nil, err
 	}
 	st.Device, st.Detail = dev, how
+	if len(o.RelayCommand) > 0 {
+		st.Detail += ", through a reconnecting relay"
+	} else {
+		st.Detail += ", direct (does not survive a server restart)"
+	}
 	if err := saveState(o.StateDir, st); err != nil {
 		return nil, err
 	}
 	klog.V(2).InfoS("Loop device over nbdfuse", "device", dev, "loop", how, "file", st.BackingFile)
 	a := st.Attachment
-	a.Detail = how
 	return &a, nil
 }
 

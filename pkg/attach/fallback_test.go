@@ -3,6 +3,7 @@ package attach
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -254,4 +255,98 @@ func TestFallbackExportName(t *testing.T) {
 	if _, err := Attach(context.Background(), o); !errors.Is(err, ErrHandshake) {
 		t.Fatalf("wrong export: %v; want ErrHandshake", err)
 	}
+}
+
+// TestFallbackRelaySurvivesServerKill kills the server (SIGKILL) twice under
+// a mounted filesystem with a writer running, restarts it, and checks the
+// writer saw no error and every file is intact, then that the filesystem is
+// clean.
+func TestFallbackRelaySurvivesServerKill(t *testing.T) {
+	e := newFallbackEnv(t, 128<<20)
+	o := e.opts("vol-relay")
+	o.RelayCommand = testRelayCommand(t)
+	o.DeadConnTimeout = 30 * time.Second
+	a := mustAttach(t, o)
+	t.Cleanup(func() { _ = Detach(context.Background(), e.stateDir, a.Device) })
+	if !strings.Contains(a.Detail, "relay") {
+		t.Fatalf("detail %q does not mention the relay", a.Detail)
+	}
+	run(t, "mkfs.ext4", "-q", "-F", a.Device)
+	run(t, "mount", a.Device, e.mnt)
+	all := writeFiles(t, e.mnt, "before", 10, 32<<10)
+	unix.Sync()
+
+	// A writer that writes and fsyncs files while the server is killed.
+	stop := make(chan struct{})
+	type result struct {
+		files map[string][]byte
+		err   error
+	}
+	done := make(chan result, 1)
+	go func() {
+		files := map[string][]byte{}
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				done <- result{files, nil}
+				return
+			default:
+			}
+			name := fmt.Sprintf("during-%04d", i)
+			data := []byte(strings.Repeat(name, 1000))
+			f, err := os.Create(filepath.Join(e.mnt, name))
+			if err == nil {
+				_, err = f.Write(data)
+				if err == nil {
+					err = f.Sync()
+				}
+				if cerr := f.Close(); err == nil {
+					err = cerr
+				}
+			}
+			if err != nil {
+				done <- result{files, fmt.Errorf("%s: %w", name, err)}
+				return
+			}
+			files[name] = data
+		}
+	}()
+	for i := 0; i < 2; i++ {
+		time.Sleep(150 * time.Millisecond)
+		e.srv.kill()
+		time.Sleep(100 * time.Millisecond) // I/O waits in the relay meanwhile
+		e.srv.start()
+	}
+	time.Sleep(150 * time.Millisecond)
+	close(stop)
+	res := <-done
+	if res.err != nil {
+		t.Fatalf("writer saw an error across server restarts: %v", res.err)
+	}
+	if len(res.files) == 0 {
+		t.Fatal("writer wrote nothing")
+	}
+	t.Logf("writer fsynced %d files across 2 server kills", len(res.files))
+	for k, v := range res.files {
+		all[k] = v
+	}
+	checkFiles(t, e.mnt, all)
+	st, err := loadState(e.stateDir, "vol-relay")
+	if err != nil {
+		t.Fatal(err)
+	}
+	relayLog, _ := os.ReadFile(nbdfuseLog(st.MountDir))
+	if n := strings.Count(string(relayLog), "Relay reconnected"); n != 2 {
+		t.Fatalf("relay reconnected %d times; want 2 (one per kill). Log:\n%s", n, relayLog)
+	}
+	run(t, "umount", e.mnt)
+	mustDetach(t, e.stateDir, a.Device)
+	run(t, "e2fsck", "-n", "-f", e.image)
+
+	// The data is on the server, not only in caches above it.
+	a = e.attach(t, "vol-relay")
+	run(t, "mount", "-o", "ro", a.Device, e.mnt)
+	checkFiles(t, e.mnt, all)
+	run(t, "umount", e.mnt)
+	mustDetach(t, e.stateDir, a.Device)
 }
