@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -31,10 +33,17 @@ func (f *attachFlags) options() (attach.Options, error) {
 	if vol == "" {
 		vol = sock // one served volume per socket
 	}
+	exe, err := os.Executable()
+	if err != nil {
+		return attach.Options{}, fmt.Errorf("find own executable for the relay: %w", err)
+	}
 	return attach.Options{
 		Socket: sock, Export: f.export, VolumeID: vol, StateDir: f.stateDir,
 		Timeout: f.timeout, DeadConnTimeout: f.deadConn, Connections: f.connections,
 		PreferMethod: f.method, ReadOnly: f.readOnly,
+		// On the nbdfuse path, talk through "writeboost nbd-relay" so the
+		// device survives a restart of the server.
+		RelayCommand: []string{exe, "nbd-relay"},
 	}, nil
 }
 
@@ -48,7 +57,8 @@ func newAttachCommand() *cobra.Command {
 With the kernel nbd driver the device is /dev/nbdX (configured over netlink,
 so it outlives this command; "writeboost reattach" hands it new connections
 after the server restarts). Without it, nbdfuse and a loop device provide
-/dev/loopX; that path does not survive a restart of the server.`,
+/dev/loopX; nbdfuse reaches the server through "writeboost nbd-relay", which
+reconnects by itself when the server restarts.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			o, err := f.options()
@@ -124,6 +134,33 @@ func newReattachCommand() *cobra.Command {
 	fl.DurationVar(&f.timeout, "timeout", 30*time.Second, "handshake timeout")
 	fl.DurationVar(&f.deadConn, "dead-conn-timeout", 2*time.Minute, "new dead-connection timeout")
 	fl.IntVar(&f.connections, "connections", 0, "connections to offer (surplus ones are refused by the kernel)")
+	_ = cmd.MarkFlagRequired("socket")
+	return cmd
+}
+
+// newNBDRelayCommand is the relay nbdfuse runs in command mode (see
+// pkg/attach/relay.go): NBD on stdin/stdout, forwarded to the server's
+// socket, reconnecting when the server restarts. Hidden: only attach uses it.
+func newNBDRelayCommand() *cobra.Command {
+	var socket, export string
+	var deadConn time.Duration
+	cmd := &cobra.Command{
+		Use:    "nbd-relay --socket PATH",
+		Short:  "Relay NBD between stdin/stdout and a server, reconnecting across its restarts (used by attach)",
+		Hidden: true,
+		Args:   cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			down := struct {
+				io.Reader
+				io.Writer
+			}{os.Stdin, os.Stdout}
+			return attach.ServeRelay(cmd.Context(), down, socket, export, deadConn)
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&socket, "socket", "", "NBD server's unix socket (required)")
+	fl.StringVar(&export, "export", "", "export name")
+	fl.DurationVar(&deadConn, "dead-conn-timeout", 2*time.Minute, "how long to keep redialling a vanished server before failing")
 	_ = cmd.MarkFlagRequired("socket")
 	return cmd
 }

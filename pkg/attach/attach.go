@@ -271,7 +271,8 @@ func detachKernel(a *Attachment) error {
 
 // ErrReattachUnsupported is returned by Reattach for methods that cannot
 // take new sockets: the ioctl interface (the device dies with its process)
-// and the nbdfuse fallback (nbdfuse exits when its server goes away).
+// and the nbdfuse fallback (through the relay it reconnects by itself;
+// without it nbdfuse exits when its server goes away).
 var ErrReattachUnsupported = errors.New("this attachment method cannot reattach; detach and attach again")
 
 // Reattach hands fresh connections from dial to the kernel device whose
