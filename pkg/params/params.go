@@ -1,0 +1,201 @@
+// Package params parses the StorageClass parameters of writeboost.csi.io
+// volumes. It is the one parser of those parameters: the CSI driver calls
+// it in CreateVolume and NodeStageVolume, and the Helm chart's tests call it
+// on the parameters they render, so a StorageClass that the chart produces
+// is one the driver accepts. Ranges and defaults of the engine tunables come
+// from engine.TunableSpecs and are never repeated here.
+package params
+
+import (
+	"fmt"
+	"math"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/writeboost-csi/writeboost-csi/pkg/engine"
+)
+
+// Parameter keys.
+const (
+	KeyCacheSize              = "cacheSize"
+	KeyWritebackThreshold     = "writebackThreshold"
+	KeyMaxBatchedWriteback    = "maxBatchedWriteback"
+	KeyUpdateSbRecordInterval = "updateSbRecordInterval"
+	KeySyncDataInterval       = "syncDataInterval"
+	KeyReadCacheThreshold     = "readCacheThreshold"
+	KeyWriteAround            = "writeAround"
+	KeyFSType                 = "csi.storage.k8s.io/fstype"
+
+	// sidecarPrefix marks keys added by the external sidecars
+	// (csi-provisioner's pvc/pv name and namespace): ignored.
+	sidecarPrefix = "csi.storage.k8s.io/"
+)
+
+// tunableKeys maps each camelCase StorageClass key to the engine tunable
+// (dm-writeboost name) it sets.
+var tunableKeys = map[string]string{
+	KeyWritebackThreshold:     "writeback_threshold",
+	KeyMaxBatchedWriteback:    "nr_max_batched_writeback",
+	KeyUpdateSbRecordInterval: "update_sb_record_interval",
+	KeySyncDataInterval:       "sync_data_interval",
+	KeyReadCacheThreshold:     "read_cache_threshold",
+	KeyWriteAround:            "write_around_mode",
+}
+
+// FSTypes are the filesystems the driver formats.
+var FSTypes = []string{"ext4", "xfs"}
+
+// DefaultFSType is used when the StorageClass gives none.
+const DefaultFSType = "ext4"
+
+// Volume is a parsed parameter set.
+type Volume struct {
+	// CacheSize in bytes; 0 when not given (the driver then uses the
+	// configured fraction of the volume).
+	CacheSize int64
+	// FSType is "" when not given.
+	FSType string
+	// Tunables holds every tunable: the given values over the defaults.
+	Tunables engine.Tunables
+}
+
+// Error is a parameter that was rejected. Msg names the allowed range.
+type Error struct {
+	Key string
+	Msg string
+}
+
+func (e *Error) Error() string { return fmt.Sprintf("parameter %q: %s", e.Key, e.Msg) }
+
+// Parse validates every key of m and returns the volume's settings. The
+// first bad key (in sorted key order, so the error is deterministic) is
+// returned as *Error.
+func Parse(m map[string]string) (*Volume, error) {
+	v := &Volume{Tunables: engine.DefaultTunables()}
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		val := strings.TrimSpace(m[k])
+		switch {
+		case k == KeyCacheSize:
+			n, err := ParseQuantity(val)
+			if err != nil || n <= 0 {
+				return nil, &Error{Key: k, Msg: fmt.Sprintf("%q is not a positive size (examples: 1Gi, 512Mi, 1073741824)", m[k])}
+			}
+			v.CacheSize = n
+		case k == KeyFSType:
+			if !isFSType(val) {
+				return nil, &Error{Key: k, Msg: fmt.Sprintf("%q is not supported; allowed: %s", m[k], strings.Join(FSTypes, ", "))}
+			}
+			v.FSType = val
+		case tunableKeys[k] != "":
+			if err := setTunable(&v.Tunables, k, val); err != nil {
+				return nil, err
+			}
+		case strings.HasPrefix(k, sidecarPrefix):
+			// Added by the sidecars (PVC name, namespace...): not ours.
+		default:
+			return nil, &Error{Key: k, Msg: "unknown parameter; allowed: " + strings.Join(Keys(), ", ")}
+		}
+	}
+	return v, nil
+}
+
+func setTunable(t *engine.Tunables, key, val string) error {
+	spec, ok := engine.LookupTunable(tunableKeys[key])
+	if !ok {
+		return &Error{Key: key, Msg: "no such engine tunable"}
+	}
+	if spec.Unit == "bool" {
+		b, err := strconv.ParseBool(val)
+		if err != nil || (val != "true" && val != "false") {
+			return &Error{Key: key, Msg: fmt.Sprintf("%q is not allowed; allowed: \"true\" or \"false\"", val)}
+		}
+		return t.Set(spec.Name, strconv.FormatBool(b))
+	}
+	n, err := strconv.Atoi(val)
+	if err != nil || n < spec.Min || n > spec.Max {
+		return &Error{Key: key, Msg: fmt.Sprintf("%q is not an integer in [%d, %d] (%s)", val, spec.Min, spec.Max, spec.Unit)}
+	}
+	if err := t.Set(spec.Name, val); err != nil {
+		return &Error{Key: key, Msg: err.Error()}
+	}
+	return nil
+}
+
+func isFSType(s string) bool {
+	for _, f := range FSTypes {
+		if s == f {
+			return true
+		}
+	}
+	return false
+}
+
+// Keys lists every accepted key, sorted.
+func Keys() []string {
+	keys := []string{KeyCacheSize, KeyFSType}
+	for k := range tunableKeys {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}
+
+// Spec describes a tunable key for documentation and the chart: the engine
+// spec behind a StorageClass key.
+func Spec(key string) (engine.TunableSpec, bool) {
+	name, ok := tunableKeys[key]
+	if !ok {
+		return engine.TunableSpec{}, false
+	}
+	return engine.LookupTunable(name)
+}
+
+// ParseQuantity parses a Kubernetes resource quantity of bytes: a plain
+// integer, a binary suffix (Ki, Mi, Gi, Ti, Pi, Ei) or a decimal one (k, M,
+// G, T, P, E). Fractions are allowed when the result is a whole number of
+// bytes ("1.5Gi"). Exponent forms ("1e9") are accepted too.
+func ParseQuantity(s string) (int64, error) {
+	s = strings.TrimSpace(s)
+	if s == "" {
+		return 0, fmt.Errorf("empty quantity")
+	}
+	suffixes := []struct {
+		s string
+		m float64
+	}{
+		{"Ki", 1 << 10}, {"Mi", 1 << 20}, {"Gi", 1 << 30}, {"Ti", 1 << 40}, {"Pi", 1 << 50}, {"Ei", 1 << 60},
+		{"k", 1e3}, {"M", 1e6}, {"G", 1e9}, {"T", 1e12}, {"P", 1e15}, {"E", 1e18},
+	}
+	mult := 1.0
+	num := s
+	for _, suf := range suffixes {
+		if strings.HasSuffix(s, suf.s) {
+			mult = suf.m
+			num = strings.TrimSuffix(s, suf.s)
+			break
+		}
+	}
+	if strings.ContainsAny(num, "+-") && !strings.ContainsAny(num, "eE") {
+		if strings.HasPrefix(num, "-") {
+			return 0, fmt.Errorf("%q is negative", s)
+		}
+	}
+	f, err := strconv.ParseFloat(num, 64)
+	if err != nil || math.IsNaN(f) || math.IsInf(f, 0) {
+		return 0, fmt.Errorf("%q is not a quantity", s)
+	}
+	b := f * mult
+	if b < 0 || b > float64(math.MaxInt64/2) {
+		return 0, fmt.Errorf("%q is out of range", s)
+	}
+	if b != math.Trunc(b) {
+		return 0, fmt.Errorf("%q is not a whole number of bytes", s)
+	}
+	return int64(b), nil
+}
