@@ -1,0 +1,89 @@
+package pool
+
+import (
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+
+	"github.com/writeboost-csi/writeboost-csi/test/testenv"
+)
+
+func TestDirectoryLifecycle(t *testing.T) {
+	p, err := New(Config{Kind: KindDirectory, Path: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	path, err := p.Create("vol-1", 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again, err := p.Create("vol-1", 1<<20); err != nil || again != path {
+		t.Fatalf("idempotent create: %v %v", again, err)
+	}
+	if _, err := p.Create("vol-1", 2<<20); !errors.Is(err, ErrSizeClash) {
+		t.Fatalf("size clash: %v", err)
+	}
+	if err := p.Expand("vol-1", 3<<20); err != nil {
+		t.Fatal(err)
+	}
+	if _, sz, err := p.Lookup("vol-1"); err != nil || sz != 3<<20 {
+		t.Fatalf("lookup after expand: %d %v", sz, err)
+	}
+	if err := p.Delete("vol-1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Delete("vol-1"); err != nil {
+		t.Fatal("second delete:", err)
+	}
+	if _, _, err := p.Lookup("vol-1"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("lookup after delete: %v", err)
+	}
+	for _, bad := range []string{"../x", "", "a/b", ".hidden"} {
+		if _, err := p.Create(bad, 4096); err == nil {
+			t.Errorf("name %q accepted", bad)
+		}
+	}
+}
+
+func TestLVMRefused(t *testing.T) {
+	if _, err := New(Config{Kind: KindLVM, VolumeGroup: "vg"}); err == nil {
+		t.Fatal("lvm accepted although not implemented")
+	}
+	if _, err := New(Config{Kind: "zfs"}); err == nil {
+		t.Fatal("unknown kind accepted")
+	}
+}
+
+// TestCapacityIsReal mounts a small tmpfs so that allocation really runs out.
+func TestCapacityIsReal(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", dir).CombinedOutput(); err != nil {
+		testenv.Skipf(t, "mount tmpfs: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", dir).Run() })
+	p, err := New(Config{Kind: KindDirectory, Path: filepath.Join(dir, "pool")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, _ := p.Capacity()
+	if _, err := p.Create("a", 8<<20); err != nil {
+		t.Fatal(err)
+	}
+	after, _ := p.Capacity()
+	if before-after < 8<<20 {
+		t.Fatalf("capacity fell by %d, want >= %d", before-after, 8<<20)
+	}
+	if _, err := p.Create("b", 12<<20); !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("full pool: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "pool", "b.img.tmp")); !os.IsNotExist(err) {
+		t.Fatal("temporary file left behind")
+	}
+	p.Delete("a")
+	if c, _ := p.Capacity(); c < before-4096 {
+		t.Fatalf("capacity not returned: %d < %d", c, before)
+	}
+}
