@@ -64,7 +64,7 @@ type relayReq struct {
 // relay forwards one downstream NBD client to an upstream server.
 type relay struct {
 	down     io.ReadWriter
-	dial     func() (net.Conn, ExportInfo, error)
+	dial     func(timeout time.Duration) (net.Conn, ExportInfo, error)
 	deadConn time.Duration
 	info     ExportInfo
 
@@ -91,13 +91,13 @@ func ServeRelay(ctx context.Context, down io.ReadWriter, socket, export string, 
 	r := &relay{
 		down:     down,
 		deadConn: deadConn,
-		dial: func() (net.Conn, ExportInfo, error) {
-			return dialExport(socket, export, 10*time.Second)
+		dial: func(timeout time.Duration) (net.Conn, ExportInfo, error) {
+			return dialExport(socket, export, timeout)
 		},
 		broken: make(chan int, 1),
 	}
 	r.mu.inflight = map[uint64]*relayReq{}
-	up, info, err := r.dial()
+	up, info, err := r.dial(10 * time.Second)
 	if err != nil {
 		return err
 	}
@@ -342,7 +342,13 @@ func (r *relay) reconnector(ctx context.Context) error {
 		deadline := time.Now().Add(r.deadConn)
 		var up net.Conn
 		for {
-			c, info, err := r.dial()
+			// A server that accepts but never answers must not stretch
+			// the wait past the deadline.
+			t := min(10*time.Second, time.Until(deadline))
+			if t < 10*time.Millisecond {
+				t = 10 * time.Millisecond
+			}
+			c, info, err := r.dial(t)
 			if err == nil && (info.Size != r.info.Size || relayFlags(info.Flags)&^relayFlags(r.info.Flags) != 0 ||
 				relayFlags(r.info.Flags)&^relayFlags(info.Flags) != 0) {
 				c.Close()
