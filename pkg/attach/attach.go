@@ -156,6 +156,14 @@ func Attach(ctx context.Context, o Options) (*Attachment, error) {
 			return nil, fmt.Errorf("clear stale attachment of %q: %w", o.VolumeID, err)
 		}
 	}
+	if o.PreferMethod != MethodFallback && kernelNBDLoaded() {
+		// The record may be gone (a wiped state dir) while the kernel still
+		// has the device: never CONNECT a second device for one volume.
+		if idx, err := findByBackend(o.VolumeID); err == nil {
+			a := &Attachment{Device: "/dev/nbd" + strconv.Itoa(idx), Method: MethodNetlink, VolumeID: o.VolumeID, Index: idx, Socket: o.Socket, Export: o.Export}
+			return a, fmt.Errorf("%w: volume %q on %s (found by backend identifier; use Reattach)", ErrAlreadyAttached, o.VolumeID, a.Device)
+		}
+	}
 	a, err := attach(ctx, o)
 	if err != nil {
 		return nil, err
