@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"time"
@@ -21,7 +20,7 @@ type attachFlags struct {
 	socket, export, volumeID, stateDir, method string
 	timeout, deadConn                          time.Duration
 	connections                                int
-	readOnly                                   bool
+	readOnly, noRelay                          bool
 }
 
 func (f *attachFlags) options() (attach.Options, error) {
@@ -33,17 +32,21 @@ func (f *attachFlags) options() (attach.Options, error) {
 	if vol == "" {
 		vol = sock // one served volume per socket
 	}
-	exe, err := os.Executable()
-	if err != nil {
-		return attach.Options{}, fmt.Errorf("find own executable for the relay: %w", err)
+	var relay []string
+	if !f.noRelay {
+		exe, err := os.Executable()
+		if err != nil {
+			return attach.Options{}, fmt.Errorf("find own executable for the relay: %w", err)
+		}
+		// On the nbdfuse path, talk through "writeboost nbd-relay" so the
+		// device survives a restart of the server.
+		relay = []string{exe, "nbd-relay"}
 	}
 	return attach.Options{
 		Socket: sock, Export: f.export, VolumeID: vol, StateDir: f.stateDir,
 		Timeout: f.timeout, DeadConnTimeout: f.deadConn, Connections: f.connections,
 		PreferMethod: f.method, ReadOnly: f.readOnly,
-		// On the nbdfuse path, talk through "writeboost nbd-relay" so the
-		// device survives a restart of the server.
-		RelayCommand: []string{exe, "nbd-relay"},
+		RelayCommand: relay,
 	}, nil
 }
 
@@ -85,6 +88,7 @@ reconnects by itself when the server restarts.`,
 	fl.DurationVar(&f.deadConn, "dead-conn-timeout", 2*time.Minute, "how long the kernel holds I/O for a reattach when the server goes away")
 	fl.IntVar(&f.connections, "connections", 0, "connections when the server allows several (default: min(CPUs, 4))")
 	fl.BoolVar(&f.readOnly, "read-only", false, "attach read-only")
+	fl.BoolVar(&f.noRelay, "no-relay", false, "nbdfuse path: connect nbdfuse to the server directly (slightly faster; the device then dies with the server's connection)")
 	_ = cmd.MarkFlagRequired("socket")
 	return cmd
 }
@@ -150,11 +154,7 @@ func newNBDRelayCommand() *cobra.Command {
 		Hidden: true,
 		Args:   cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			down := struct {
-				io.Reader
-				io.Writer
-			}{os.Stdin, os.Stdout}
-			return attach.ServeRelay(cmd.Context(), down, socket, export, deadConn)
+			return attach.ServeRelay(cmd.Context(), attach.RelayStdio(), socket, export, deadConn)
 		},
 	}
 	fl := cmd.Flags()

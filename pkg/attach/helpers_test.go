@@ -193,3 +193,19 @@ func mustDetach(t *testing.T, stateDir, dev string) {
 }
 
 func uintptrOf(b []byte) uintptr { return uintptr(unsafe.Pointer(&b[0])) }
+
+func startNbdkitB(b *testing.B, s *nbdkitServer) {
+	_ = os.Remove(s.socket)
+	cmd := exec.Command("nbdkit", append([]string{"-f", "-U", s.socket}, s.args...)...)
+	if err := cmd.Start(); err != nil {
+		b.Skipf("nbdkit: %v", err)
+	}
+	b.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	for i := 0; i < 500; i++ {
+		if _, err := os.Stat(s.socket); err == nil {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	b.Fatal("nbdkit did not start")
+}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"io"
 	"os"
 	"testing"
 	"time"
@@ -28,11 +27,7 @@ func relayMain(args []string) int {
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	down := struct {
-		io.Reader
-		io.Writer
-	}{os.Stdin, os.Stdout}
-	if err := ServeRelay(context.Background(), down, *socket, *export, *dead); err != nil {
+	if err := ServeRelay(context.Background(), RelayStdio(), *socket, *export, *dead); err != nil {
 		fmt.Fprintln(os.Stderr, "nbd-relay:", err)
 		return 1
 	}
