@@ -76,12 +76,17 @@ func (s *Server) AddExport(e Export) error {
 	if e.Backend.Size() < 0 {
 		return fmt.Errorf("nbd: export %q: negative size", e.Name)
 	}
+	st := newExportState(e)
+	if !validBlockSizes(st.minBS, st.prefBS, st.maxBS) {
+		return fmt.Errorf("nbd: export %q: block sizes %d/%d/%d must be powers of two, 512 <= minimum <= preferred <= maximum",
+			e.Name, st.minBS, st.prefBS, st.maxBS)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if _, ok := s.mu.exports[e.Name]; ok {
 		return fmt.Errorf("nbd: export %q already exists", e.Name)
 	}
-	s.mu.exports[e.Name] = newExportState(e)
+	s.mu.exports[e.Name] = st
 	return nil
 }
 
@@ -91,6 +96,11 @@ func (s *Server) RemoveExport(name string) {
 	s.mu.Lock()
 	delete(s.mu.exports, name)
 	s.mu.Unlock()
+}
+
+func validBlockSizes(min, pref, max uint32) bool {
+	pow2 := func(v uint32) bool { return v != 0 && v&(v-1) == 0 }
+	return min >= 512 && pow2(min) && pow2(pref) && min <= pref && pref <= max
 }
 
 func (s *Server) lookupExport(name string) *exportState {

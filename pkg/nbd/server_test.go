@@ -702,6 +702,27 @@ func TestMemBackendLockOrderAndBounds(t *testing.T) {
 	}
 }
 
+func TestAddExportValidation(t *testing.T) {
+	s := NewServer(Config{})
+	m := NewMemBackend(4096)
+	for _, e := range []Export{
+		{Name: "nil"},
+		{Name: "min", Backend: m, MinBlockSize: 256},
+		{Name: "odd", Backend: m, PreferredBlockSize: 3000},
+		{Name: "order", Backend: m, MinBlockSize: 8192, PreferredBlockSize: 4096},
+	} {
+		if err := s.AddExport(e); err == nil {
+			t.Errorf("export %q accepted", e.Name)
+		}
+	}
+	if err := s.AddExport(Export{Name: "ok", Backend: m, MinBlockSize: 4096}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.AddExport(Export{Name: "ok", Backend: m}); err == nil {
+		t.Error("duplicate export accepted")
+	}
+}
+
 func TestErrno(t *testing.T) {
 	for err, want := range map[error]uint32{
 		nil: 0, syscall.EPERM: errPerm, syscall.EROFS: errPerm, fmt.Errorf("x: %w", syscall.EINVAL): errInval,
