@@ -1,0 +1,36 @@
+package metrics
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/writeboost-csi/writeboost-csi/pkg/engine"
+)
+
+func TestCollector(t *testing.T) {
+	c := NewCollector("node-a", func() map[string]engine.Status {
+		return map[string]engine.Status{"vol-1": {NrDirtyCacheBlocks: 3, CurrentID: 10, LastWritebackID: 4,
+			ReadHitRatio: 0.5, FlushCount: 2, FlushLatencySecondsSum: 0.25, CacheIOErrors: 1}}
+	})
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(c)
+	want := `
+# HELP writeboost_dirty_bytes Bytes in the cache not yet written back to the backing device.
+# TYPE writeboost_dirty_bytes gauge
+writeboost_dirty_bytes{node="node-a",volume="vol-1"} 12288
+# HELP writeboost_writeback_lag_segments Segments written to the cache but not yet written back (current_id - last_writeback_id).
+# TYPE writeboost_writeback_lag_segments gauge
+writeboost_writeback_lag_segments{node="node-a",volume="vol-1"} 6
+# HELP writeboost_io_errors_total I/O errors seen on a device.
+# TYPE writeboost_io_errors_total counter
+writeboost_io_errors_total{device="backing",node="node-a",volume="vol-1"} 0
+writeboost_io_errors_total{device="cache",node="node-a",volume="vol-1"} 1
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "writeboost_dirty_bytes",
+		"writeboost_writeback_lag_segments", "writeboost_io_errors_total"); err != nil {
+		t.Fatal(err)
+	}
+}
