@@ -37,6 +37,7 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 )
 
@@ -223,7 +224,8 @@ func stateAlive(st *state) bool {
 }
 
 // Detach undoes an attachment given its device path (/dev/nbdX, /dev/loopX).
-// The filesystem on it must be unmounted first. Detaching a device that is
+// It refuses (ErrBusy) while a filesystem on the device is mounted in this
+// mount namespace. Detaching a device that is
 // already gone only clears its record.
 func Detach(ctx context.Context, stateDir, device string) error {
 	if stateDir != "" {
@@ -241,12 +243,43 @@ func Detach(ctx context.Context, stateDir, device string) error {
 		if err != nil {
 			return fmt.Errorf("detach %s: not an nbd device name", device)
 		}
+		if mp := mountedAt(device); mp != "" {
+			return fmt.Errorf("detach %s: %w on %s; unmount it first", device, ErrBusy, mp)
+		}
 		return detachKernel(&Attachment{Device: device, Method: MethodNetlink, Index: idx})
 	}
 	return fmt.Errorf("detach %s: no attachment recorded in %q", device, stateDir)
 }
 
+// ErrBusy is returned by Detach while a filesystem on the device is mounted.
+var ErrBusy = errors.New("device is mounted")
+
+// mountedAt returns a mount point of block device dev, or "" when none (or
+// dev is gone). Detaching under a mounted filesystem would turn every later
+// write of it into an I/O error.
+func mountedAt(dev string) string {
+	var st unix.Stat_t
+	if err := unix.Stat(dev, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFBLK {
+		return ""
+	}
+	want := fmt.Sprintf("%d:%d", unix.Major(st.Rdev), unix.Minor(st.Rdev))
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return ""
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 4 && f[2] == want {
+			return unescapeMountPath(f[4])
+		}
+	}
+	return ""
+}
+
 func detachState(ctx context.Context, stateDir string, st *state) error {
+	if mp := mountedAt(st.Device); mp != "" && (st.Method != MethodFallback || backedBy(st.Device, st.BackingFile)) {
+		return fmt.Errorf("detach %s: %w on %s; unmount it first", st.Device, ErrBusy, mp)
+	}
 	var err error
 	switch st.Method {
 	case MethodFallback:

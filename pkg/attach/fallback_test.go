@@ -102,6 +102,9 @@ func TestFallbackFilesystemRoundTrip(t *testing.T) {
 		t.Fatalf("fsync sent no NBD_CMD_FLUSH (%d before, %d after)", before, after)
 	}
 	files["fsynced"] = []byte("durable")
+	if err := Detach(context.Background(), e.stateDir, a.Device); !errors.Is(err, ErrBusy) {
+		t.Fatalf("Detach under a mounted filesystem: %v; want ErrBusy", err)
+	}
 	run(t, "umount", e.mnt)
 	mustDetach(t, e.stateDir, a.Device)
 	if _, err := loadState(e.stateDir, "vol-roundtrip"); !errors.Is(err, os.ErrNotExist) {
