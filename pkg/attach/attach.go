@@ -148,6 +148,11 @@ func Attach(ctx context.Context, o Options) (*Attachment, error) {
 	if err := o.validate(); err != nil {
 		return nil, err
 	}
+	unlock, err := lockVolume(ctx, o.StateDir, o.VolumeID)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
 	if st, err := loadState(o.StateDir, o.VolumeID); err == nil {
 		if stateAlive(st) {
 			return &st.Attachment, fmt.Errorf("%w: volume %q on %s (%s)", ErrAlreadyAttached, o.VolumeID, st.Device, st.Method)
@@ -231,6 +236,18 @@ func Detach(ctx context.Context, stateDir, device string) error {
 	if stateDir != "" {
 		st, err := findStateByDevice(stateDir, device)
 		if err == nil {
+			unlock, err := lockVolume(ctx, stateDir, st.VolumeID)
+			if err != nil {
+				return err
+			}
+			defer unlock()
+			// Re-read under the lock: a concurrent detach may have won.
+			if st, err = loadState(stateDir, st.VolumeID); err != nil || st.Device != device {
+				if err == nil || errors.Is(err, os.ErrNotExist) {
+					return nil
+				}
+				return err
+			}
 			return detachState(ctx, stateDir, st)
 		}
 		if !errors.Is(err, os.ErrNotExist) {
@@ -248,8 +265,13 @@ func Detach(ctx context.Context, stateDir, device string) error {
 		}
 		return detachKernel(&Attachment{Device: device, Method: MethodNetlink, Index: idx})
 	}
-	return fmt.Errorf("detach %s: no attachment recorded in %q", device, stateDir)
+	return fmt.Errorf("detach %s: %w (no record in %q)", device, ErrNotAttached, stateDir)
 }
+
+// ErrNotAttached is returned by Detach for a device with no attachment
+// record (already detached, or never attached here); idempotent callers
+// treat it as success.
+var ErrNotAttached = errors.New("not attached")
 
 // ErrBusy is returned by Detach while a filesystem on the device is mounted.
 var ErrBusy = errors.New("device is mounted")
@@ -322,6 +344,11 @@ var ErrReattachUnsupported = errors.New("this attachment method cannot reattach;
 // held. stateDir may be "" when no record is kept.
 func Reattach(ctx context.Context, stateDir, volumeID string, dial Dialer, o Options) (*Attachment, error) {
 	if stateDir != "" {
+		unlock, err := lockVolume(ctx, stateDir, volumeID)
+		if err != nil {
+			return nil, err
+		}
+		defer unlock()
 		if st, err := loadState(stateDir, volumeID); err == nil && st.Method != MethodNetlink {
 			return nil, fmt.Errorf("reattach %q (%s on %s): %w", volumeID, st.Method, st.Device, ErrReattachUnsupported)
 		}

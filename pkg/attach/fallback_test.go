@@ -353,3 +353,39 @@ func TestFallbackRelaySurvivesServerKill(t *testing.T) {
 	run(t, "umount", e.mnt)
 	mustDetach(t, e.stateDir, a.Device)
 }
+
+// TestFallbackConcurrentAttach: racing attaches of one volume make one
+// device; the others are told it is already attached.
+func TestFallbackConcurrentAttach(t *testing.T) {
+	e := newFallbackEnv(t, 16<<20)
+	const n = 4
+	type res struct {
+		a   *Attachment
+		err error
+	}
+	out := make(chan res, n)
+	for i := 0; i < n; i++ {
+		go func() {
+			a, err := Attach(context.Background(), e.opts("vol-race"))
+			out <- res{a, err}
+		}()
+	}
+	var ok []*Attachment
+	for i := 0; i < n; i++ {
+		r := <-out
+		switch {
+		case r.err == nil:
+			ok = append(ok, r.a)
+			t.Cleanup(func() { _ = Detach(context.Background(), e.stateDir, r.a.Device) })
+		case !errors.Is(r.err, ErrAlreadyAttached):
+			t.Errorf("attach: %v", r.err)
+		}
+	}
+	if len(ok) != 1 {
+		t.Fatalf("%d attaches succeeded; want exactly 1", len(ok))
+	}
+	mustDetach(t, e.stateDir, ok[0].Device)
+	if err := Detach(context.Background(), e.stateDir, ok[0].Device); !errors.Is(err, ErrNotAttached) {
+		t.Fatalf("repeated detach: %v; want ErrNotAttached", err)
+	}
+}

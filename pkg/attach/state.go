@@ -1,12 +1,16 @@
 package attach
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // state is what survives a restart of the attaching process: enough to find
@@ -119,4 +123,34 @@ func findStateByDevice(dir, device string) (*state, error) {
 		}
 	}
 	return nil, fmt.Errorf("no attachment of %s recorded in %s: %w", device, dir, os.ErrNotExist)
+}
+
+// lockVolume serialises attach, detach and reattach of one volume across
+// goroutines and processes (an flock on a per-volume lock file), so two
+// concurrent calls cannot both decide the volume is unattached.
+func lockVolume(ctx context.Context, dir, volumeID string) (func(), error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	p := filepath.Join(dir, "."+strings.TrimSuffix(stateName(volumeID), ".json")+".lock")
+	f, err := os.OpenFile(p, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("lock %s: %w", p, err)
+	}
+	for {
+		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			return func() { f.Close() }, nil // closing releases the lock
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w", p, err)
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("lock volume %q: %w", volumeID, ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
