@@ -73,7 +73,13 @@
 // numbered from 1; record Seq goes to slot Seq%2 and is made durable
 // before record Seq+1 is written, so the previous record survives a torn
 // write. The valid record of this cache with the highest sequence wins
-// (ChooseCheckpoint); a fresh cache has none (both slots blank).
+// (ChooseCheckpoint). A fresh cache has none: both slots blank, or slot 0
+// blank and slot 1 damaged (record 1 torn; had record 1 been complete,
+// record 2 would be in slot 0). Formatting zeroes both slots.
+//
+// The epoch numbers the runs (opens) of the cache: a run records its
+// epoch in a checkpoint before it writes any segment, and stamps it on
+// every segment it writes.
 //
 //	| off  | size | field                                                 |
 //	|------|------|-------------------------------------------------------|
@@ -99,10 +105,14 @@
 //
 // The header checksum covers the header and its metablocks, the data
 // checksum the data blocks, so a torn segment (the end of the log after a
-// crash) is recognised. The tag refuses segments of an earlier format of
-// the same device; the epoch (the run of the cache that wrote the
-// segment, recorded in the checkpoint too) lets recovery refuse a stale
-// segment beyond the end of a log it recovered earlier.
+// crash) is recognised. The tag (32 bits of the UUID) refuses segments of
+// an earlier format of the same device; the segment id expected at the
+// slot, the epoch and the checksums are further checks. The epoch (the
+// run of the cache that wrote the segment, recorded in the checkpoint
+// too) lets recovery refuse a stale segment beyond the end of a log it
+// recovered earlier. DecodeSegmentHeader checks a header on its own;
+// comparing the id, tag and epoch with what the ring position calls for,
+// and the data checksum, is the reader's part.
 //
 // Header block: the fixed header, then count metablocks, then zeros.
 //
