@@ -93,11 +93,16 @@ func ServeRelay(ctx context.Context, down io.ReadWriter, socket, export string, 
 		down:     down,
 		deadConn: deadConn,
 		dial: func(timeout time.Duration) (net.Conn, ExportInfo, error) {
-			return dialExport(socket, export, timeout)
+			c, info, err := dialExport(socket, export, timeout)
+			if err == nil {
+				setSocketBuffers(c)
+			}
+			return c, info, err
 		},
 		broken: make(chan int, 1),
 	}
 	r.mu.inflight = map[uint64]*relayReq{}
+	setSocketBuffers(down)
 	up, info, err := r.dial(10 * time.Second)
 	if err != nil {
 		return err
@@ -402,4 +407,21 @@ func RelayStdio() io.ReadWriter {
 		io.Reader
 		io.Writer
 	}{os.Stdin, os.Stdout}
+}
+
+// relaySocketBuffer lets a whole large request sit in each socket, so the
+// relay copies it with a few system calls instead of many small hand-offs
+// between nbdfuse, the relay and the server (the kernel caps it at
+// net.core.wmem_max / rmem_max).
+const relaySocketBuffer = 4 << 20
+
+func setSocketBuffers(c any) {
+	type bufferSetter interface {
+		SetReadBuffer(int) error
+		SetWriteBuffer(int) error
+	}
+	if b, ok := c.(bufferSetter); ok {
+		_ = b.SetReadBuffer(relaySocketBuffer)
+		_ = b.SetWriteBuffer(relaySocketBuffer)
+	}
 }
