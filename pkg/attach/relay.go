@@ -35,13 +35,14 @@ import (
 // in NBD, so resending them in arrival order is as valid as the original.
 
 const (
-	reqMagic    = 0x25609513
-	simpleMagic = 0x67446698
-	cmdRead     = 0
-	cmdWrite    = 1
-	cmdDisc     = 2
-	optInfo     = 6
-	repErrUnsup = 1<<31 | 1
+	reqMagic      = 0x25609513
+	simpleMagic   = 0x67446698
+	cmdRead       = 0
+	cmdWrite      = 1
+	cmdDisc       = 2
+	optInfo       = 6
+	optExportName = 1
+	repErrUnsup   = 1<<31 | 1
 	// maxPayload bounds a WRITE payload or READ length (the kernel's
 	// largest request is 32 MiB).
 	maxPayload = 32 << 20
@@ -142,7 +143,6 @@ func (r *relay) serverHandshake() error {
 	if _, err := io.ReadFull(r.down, cf[:]); err != nil {
 		return fmt.Errorf("relay: client flags: %w", err)
 	}
-	noZeroes := binary.BigEndian.Uint32(cf[:])&clientNoZeroes != 0
 	for {
 		var h [16]byte
 		if _, err := io.ReadFull(r.down, h[:]); err != nil {
@@ -181,6 +181,10 @@ func (r *relay) serverHandshake() error {
 			if opt == optGo {
 				return nil
 			}
+		case optExportName:
+			// It has no error reply: a server that will not serve it can only
+			// hang up. libnbd uses OPT_GO.
+			return errors.New("relay: client sent NBD_OPT_EXPORT_NAME; only NBD_OPT_GO is supported")
 		case optAbort:
 			_ = reply(repAck, nil)
 			return errors.New("relay: client aborted the handshake")
@@ -189,7 +193,6 @@ func (r *relay) serverHandshake() error {
 				return err
 			}
 		}
-		_ = noZeroes // only matters for NBD_OPT_EXPORT_NAME, which is refused
 	}
 }
 

@@ -220,3 +220,41 @@ func TestRelayRejectsChangedServer(t *testing.T) {
 		t.Fatal("relay hung")
 	}
 }
+
+// TestRelayRefusesOtherOptions: structured replies (and anything else but
+// OPT_GO/OPT_INFO) are refused with NBD_REP_ERR_UNSUP, so every reply the
+// relay forwards stays a simple reply it can parse; OPT_GO still works after.
+func TestRelayRefusesOtherOptions(t *testing.T) {
+	sock := fakeUpstream(t, FlagHasFlags|FlagSendFlush, func(c net.Conn) { io.Copy(io.Discard, c) })
+	cli, down := net.Pipe()
+	defer cli.Close()
+	go ServeRelay(context.Background(), down, sock, "", time.Second)
+	cli.SetDeadline(time.Now().Add(5 * time.Second))
+	var g [18]byte
+	if _, err := io.ReadFull(cli, g[:]); err != nil {
+		t.Fatal(err)
+	}
+	req := binary.BigEndian.AppendUint32(nil, clientFixed)
+	req = binary.BigEndian.AppendUint64(req, nbdIHaveOpt)
+	req = binary.BigEndian.AppendUint32(req, 8) // NBD_OPT_STRUCTURED_REPLY
+	req = binary.BigEndian.AppendUint32(req, 0)
+	cli.Write(req)
+	var rh [20]byte
+	if _, err := io.ReadFull(cli, rh[:]); err != nil {
+		t.Fatal(err)
+	}
+	if typ := binary.BigEndian.Uint32(rh[12:]); typ != repErrUnsup || binary.BigEndian.Uint32(rh[8:]) != 8 {
+		t.Fatalf("structured reply option answered with type %#x for option %d", typ, binary.BigEndian.Uint32(rh[8:]))
+	}
+	cli.Write(encodeGo(0, "")[4:]) // OPT_GO without the client flags already sent
+	for {
+		if _, err := io.ReadFull(cli, rh[:]); err != nil {
+			t.Fatal(err)
+		}
+		body := make([]byte, binary.BigEndian.Uint32(rh[16:]))
+		io.ReadFull(cli, body)
+		if binary.BigEndian.Uint32(rh[12:]) == repAck {
+			break
+		}
+	}
+}
