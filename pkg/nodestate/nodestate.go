@@ -29,6 +29,9 @@ type Volume struct {
 	// block device rather than a pool volume.
 	BackingDevice string `json:"backingDevice,omitempty"`
 	Staged        *Stage `json:"staged,omitempty"`
+	// GrowFS is set when the backing grew while unstaged: the next stage
+	// grows the filesystem before mounting it.
+	GrowFS bool `json:"growFS,omitempty"`
 }
 
 // Stage records a staged volume.

@@ -62,6 +62,7 @@ type Manager struct {
 
 type running struct {
 	spec    Spec
+	devs    []*blockdev.File // closed after the engine
 	eng     *engine.Engine
 	srv     *nbd.Server
 	ctl     *control.Server
@@ -120,6 +121,7 @@ func (m *Manager) start(ctx context.Context, s Spec) (_ *running, err error) {
 		backing.Close()
 		return nil, fmt.Errorf("open cache %s: %w", s.CachePath, err)
 	}
+	r.devs = []*blockdev.File{cache, backing}
 	closeDevs := func() { cache.Close(); backing.Close() }
 	r.eng, err = engine.Open(engine.Options{
 		Cache: cache, Backing: backing,
@@ -139,7 +141,6 @@ func (m *Manager) start(ctx context.Context, s Spec) (_ *running, err error) {
 	defer func() {
 		if err != nil {
 			m.stop(r, true)
-			closeDevs()
 		}
 	}()
 	r.srv = nbd.NewServer(nbd.Config{})
@@ -214,6 +215,11 @@ func (m *Manager) stop(r *running, keepBuffer bool) error {
 			errs = append(errs, fmt.Errorf("close engine: %w", err))
 		} else if !keepBuffer {
 			os.Remove(m.bufferPath(r.spec.ID))
+		}
+		for _, d := range r.devs {
+			if err := d.Close(); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 	return errors.Join(errs...)
