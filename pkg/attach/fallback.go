@@ -19,13 +19,14 @@ import (
 
 // The fallback path, for kernels without nbd (these machines, CI):
 //
-//	server <-NBD/unix-> nbdfuse (libnbd) -> FUSE file MOUNTDIR/disk -> loop device
+//	server <-NBD/unix-> [relay <-NBD/socketpair->] nbdfuse (libnbd)
+//	       -> FUSE file MOUNTDIR/disk -> loop device (the block device)
 //
 // Flushes reach the server: the loop driver turns a block-layer FLUSH (and
 // FUA, which it does not advertise, so the block layer turns it into
 // write+flush) into fsync of its backing file; FUSE passes fsync to nbdfuse,
-// which sends NBD_CMD_FLUSH. TestFallbackFlushReachesServer proves it by
-// counting flushes on the server.
+// which sends NBD_CMD_FLUSH. TestFallbackFilesystemRoundTrip proves it by
+// counting flushes on the server for sync and for an fsync.
 //
 // nbdfuse (libnbd 1.14) does not reconnect. Connected directly, when the
 // server's connection drops nbdfuse exits, the FUSE file disappears and
@@ -35,8 +36,12 @@ import (
 // the relay reconnects and resends unanswered requests while I/O waits, for
 // up to the dead-connection timeout: the filesystem survives
 // (TestFallbackRelaySurvivesServerKill). Either way nbdfuse and the relay
-// are a process chain of their own; killing them (a pod restart that takes
-// the whole process tree) still breaks the device.
+// are a process chain of their own (own session, outside the attaching and
+// the serving process); killing them (a pod restart that takes the whole
+// process tree) still breaks the device. The relay costs throughput: it is
+// one connection where nbdfuse alone uses several (multi-conn), and one more
+// copy; measured against direct nbdfuse on nbdkit memory, 4K random I/O at
+// QD16 ran at 0.6-0.9x and 1 MiB sequential at QD4 at about 0.35x.
 
 const diskFile = "disk"
 
