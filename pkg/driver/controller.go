@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"sort"
 	"strconv"
 	"strings"
 
@@ -306,6 +307,7 @@ func (s ControllerServer) ControllerGetCapabilities(context.Context, *csi.Contro
 	for _, t := range []csi.ControllerServiceCapability_RPC_Type{
 		csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME,
 		csi.ControllerServiceCapability_RPC_GET_CAPACITY,
+		csi.ControllerServiceCapability_RPC_LIST_VOLUMES,
 		csi.ControllerServiceCapability_RPC_EXPAND_VOLUME,
 		csi.ControllerServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER,
 	} {
@@ -407,4 +409,34 @@ func (s ControllerServer) ControllerExpandVolume(ctx context.Context, req *csi.C
 	}
 	klog.InfoS("Volume expanded", "volume", id, "capacity", size)
 	return &csi.ControllerExpandVolumeResponse{CapacityBytes: size, NodeExpansionRequired: nodeExpand}, nil
+}
+
+// ListVolumes implements csi.ControllerServer: this node's volumes, in id
+// order; the token is the index of the next entry.
+func (s ControllerServer) ListVolumes(ctx context.Context, req *csi.ListVolumesRequest) (*csi.ListVolumesResponse, error) {
+	if req.GetMaxEntries() < 0 {
+		return nil, status.Error(codes.InvalidArgument, "max_entries must not be negative")
+	}
+	vols := s.d.opts.State.List()
+	sort.Slice(vols, func(i, j int) bool { return vols[i].ID < vols[j].ID })
+	start := 0
+	if tok := req.GetStartingToken(); tok != "" {
+		n, err := strconv.Atoi(tok)
+		if err != nil || n < 0 || n > len(vols) {
+			return nil, status.Errorf(codes.Aborted, "starting token %q is not valid", tok)
+		}
+		start = n
+	}
+	end := len(vols)
+	if m := int(req.GetMaxEntries()); m > 0 && start+m < end {
+		end = start + m
+	}
+	resp := &csi.ListVolumesResponse{}
+	for _, v := range vols[start:end] {
+		resp.Entries = append(resp.Entries, &csi.ListVolumesResponse_Entry{Volume: s.d.csiVolume(v)})
+	}
+	if end < len(vols) {
+		resp.NextToken = strconv.Itoa(end)
+	}
+	return resp, nil
 }
