@@ -1,0 +1,95 @@
+package csi
+
+import (
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+)
+
+func freeAddr(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// TestMetricsAndPrestop checks the Prometheus endpoint of a staged volume
+// and that the preStop hook flushes through the running plugin.
+func TestMetricsAndPrestop(t *testing.T) {
+	addr := freeAddr(t)
+	e := newEnv(t, "--metrics-address", addr)
+	v := e.create(t, "pvc-metrics", 64<<20)
+	staging := e.stage(t, v)
+	target := e.publish(t, v, staging)
+	data := randBytes(1 << 20)
+	f, err := os.Create(filepath.Join(target, "f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Write(data)
+	f.Close() // not synced: the preStop hook's flush must make it durable
+
+	cmd := pluginCommand("csi", "prestop", "--state-dir", e.state, "--run-dir", e.run)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("prestop: %v\n%s", err, out)
+	} else if !strings.Contains(string(out), `"Flushed" volume="`+v.VolumeId+`"`) {
+		t.Fatalf("prestop did not flush %s:\n%s", v.VolumeId, out)
+	}
+
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{
+		`writeboost_dirty_bytes{node="node-1",volume="` + v.VolumeId + `"}`,
+		`writeboost_read_hit_ratio{node="node-1",volume="` + v.VolumeId + `"}`,
+		`writeboost_writeback_bytes_per_second{`,
+		`writeboost_writeback_lag_segments{`,
+		`writeboost_flush_latency_seconds_total{`,
+		`writeboost_flushes_total{`,
+	} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+	e.unpublishUnstage(t, v, staging, target)
+}
+
+// TestStaticVolume stages a static PV whose context names an existing block
+// device as its backing; the cache slice comes from the NVMe pool.
+func TestStaticVolume(t *testing.T) {
+	e := newEnv(t)
+	img := filepath.Join(e.base, "static.img")
+	f, _ := os.Create(img)
+	f.Truncate(48 << 20)
+	f.Close()
+	out, err := exec.Command("losetup", "--find", "--show", img).Output()
+	if err != nil {
+		t.Fatalf("losetup: %v", err)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+
+	v := &csi.Volume{VolumeId: "static-pv-1", VolumeContext: map[string]string{"backingDevice": dev, "writebackThreshold": "0"}}
+	staging := e.stage(t, v)
+	target := e.publish(t, v, staging)
+	data := randBytes(512<<10 + 1)
+	writeSynced(t, filepath.Join(target, "x"), data)
+	e.unpublishUnstage(t, v, staging, target)
+	staging = e.stage(t, v)
+	target = e.publish(t, v, staging)
+	dropCaches()
+	checkFile(t, filepath.Join(target, "x"), data)
+	e.unpublishUnstage(t, v, staging, target)
+}
