@@ -20,6 +20,7 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"k8s.io/klog/v2"
@@ -126,21 +127,23 @@ func (e *env) start() {
 	if err := e.cmd.Start(); err != nil {
 		e.t.Fatal(err)
 	}
-	exited := make(chan struct{})
-	go func(c *exec.Cmd) {
-		// Only notice an early exit; Wait is called by kill/stop.
-		for c.ProcessState == nil {
-			var ws syscall.WaitStatus
-			if pid, _ := syscall.Wait4(c.Process.Pid, &ws, syscall.WNOHANG|syscall.WNOWAIT, nil); pid == c.Process.Pid {
+	// Notice an early exit without reaping (kill/stop call Wait).
+	exited, watched := make(chan struct{}), make(chan struct{})
+	defer close(watched)
+	go func(pid int) {
+		for {
+			var si unix.Siginfo
+			if err := unix.Waitid(unix.P_PID, pid, &si, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil); err == nil && si.Signo != 0 {
 				close(exited)
 				return
 			}
-			time.Sleep(100 * time.Millisecond)
-			if _, err := os.Stat(e.socket); err == nil {
+			select {
+			case <-watched:
 				return
+			case <-time.After(50 * time.Millisecond):
 			}
 		}
-	}(e.cmd)
+	}(e.cmd.Process.Pid)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		if _, err := os.Stat(e.socket); err == nil {
