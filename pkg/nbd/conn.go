@@ -14,6 +14,14 @@ import (
 	"k8s.io/klog/v2"
 )
 
+// Reads and plain (non-FUA) writes up to inlineMaxLen run on the reader
+// goroutine while the backend's average latency for that kind of request
+// stays under inlineMaxCost (unless Config.NoInline).
+const (
+	inlineMaxLen  = 128 << 10
+	inlineMaxCost = 20 * time.Microsecond
+)
+
 // reply is one completed request, to be sent.
 type reply struct {
 	handle uint64
@@ -27,7 +35,13 @@ type reply struct {
 // bounds what is in flight with the budget, and starts one goroutine per
 // request; each request goroutine (do) calls the backend and sends its own
 // reply (see send), so a slow request never holds up the others and
-// replies go out in completion order.
+// replies go out in completion order. The exception is small reads and
+// plain writes while the backend answers those fast: they run on the reader
+// (see inlineMaxCost), which saves a goroutine start and wake-up per
+// request (on 2 cores that doubles 4K read IOPS over a RAM disk); the price
+// is that a request that turns out slow (a cache miss) holds up the
+// requests behind it on this connection until it returns, after which
+// requests go to goroutines again until the backend is fast again.
 type conn struct {
 	srv *Server
 	nc  net.Conn
@@ -39,6 +53,9 @@ type conn struct {
 	budget budget
 
 	ready       atomic.Int32 // replies waiting to be written
+	readerBusy  atomic.Bool  // the reader has buffered requests to dispatch
+	writeCost   atomic.Int64 // moving average of WriteAt latency, ns
+	readCost    atomic.Int64 // moving average of ReadAt latency, ns
 	wmu         sync.Mutex   // serialises replies on bw
 	werr        error        // first write error, under wmu
 	closedOnErr bool         // under wmu
@@ -56,6 +73,9 @@ func newConn(s *Server, nc net.Conn) *conn {
 		stopped: make(chan struct{}),
 	}
 	c.budget.init(s.cfg.MaxInFlightBytes, s.cfg.MaxInFlightRequests)
+	// Assume a slow backend until writes have shown otherwise.
+	c.writeCost.Store(int64(inlineMaxCost))
+	c.readCost.Store(int64(inlineMaxCost))
 	return c
 }
 
@@ -103,6 +123,7 @@ func (c *conn) serve() {
 	if err := c.readLoop(); err != nil {
 		klog.InfoS("Closing NBD connection", "remote", remote, "export", exp.Name, "reason", err)
 	}
+	c.flushPending()
 	// Finish what was read: every request gets its reply before the close.
 	c.work.Wait()
 	klog.V(2).InfoS("NBD client disconnected", "remote", remote, "export", exp.Name)
@@ -114,6 +135,11 @@ func (c *conn) readLoop() error {
 	var hdr [requestHdrSize]byte
 	exp := c.exp
 	for {
+		if c.br.Buffered() < requestHdrSize {
+			c.flushPending() // the next read may block
+		} else {
+			c.readerBusy.Store(true)
+		}
 		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
 			if c.isStopped() || errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
 				return nil
@@ -136,15 +162,24 @@ func (c *conn) readLoop() error {
 				// We will not buffer it and cannot skip it cheaply.
 				return fmt.Errorf("WRITE of %d bytes exceeds the %d byte limit", req.length, exp.maxLength)
 			}
-			c.budget.acquire(0)
+			if !c.budget.tryAcquire(0) {
+				c.flushPending()
+				c.budget.acquire(0)
+			}
 			c.send(reply{handle: req.handle, errno: errInval})
 			continue
 		}
-		c.budget.acquire(weight)
+		if !c.budget.tryAcquire(weight) {
+			c.flushPending()
+			c.budget.acquire(weight)
+		}
 
 		var buf *[]byte
 		if req.typ == cmdWrite {
 			buf = getBuf(int(req.length))
+			if c.br.Buffered() < int(req.length) {
+				c.flushPending() // reading the payload may block
+			}
 			if _, err := io.ReadFull(c.br, (*buf)[:req.length]); err != nil {
 				putBuf(buf)
 				c.budget.release(weight)
@@ -156,7 +191,18 @@ func (c *conn) readLoop() error {
 			continue
 		}
 		c.work.Add(1)
-		go c.do(req, buf, weight)
+		if !c.srv.cfg.NoInline && req.length <= inlineMaxLen && ((req.typ == cmdWrite && req.flags&cmdFlagFUA == 0 &&
+			time.Duration(c.writeCost.Load()) < inlineMaxCost) ||
+			(req.typ == cmdRead && time.Duration(c.readCost.Load()) < inlineMaxCost)) {
+			// A small request to a backend that answers quickly (RAM,
+			// a cache hit) costs less than starting a goroutine and
+			// waking it: do it here. If the backend gets slow, requests
+			// go back to their own goroutines, so the reader is held
+			// up by at most one slow request at a time.
+			c.do(req, buf, weight)
+		} else {
+			go c.do(req, buf, weight)
+		}
 	}
 }
 
@@ -204,7 +250,10 @@ func (c *conn) do(req request, buf *[]byte, weight int64) {
 		r.buf = getBuf(int(n))
 		p := (*r.buf)[:n]
 		var got int
+		start := time.Now()
 		got, err = exp.Backend.ReadAt(p, off)
+		cost := c.readCost.Load()
+		c.readCost.Store(cost + (int64(time.Since(start))-cost)/8)
 		if got == len(p) {
 			err = nil // io.EOF with a full buffer is success
 		} else if err == nil {
@@ -216,11 +265,17 @@ func (c *conn) do(req request, buf *[]byte, weight int64) {
 		}
 	case cmdWrite:
 		p := (*buf)[:n]
-		if fua && exp.fua != nil {
+		if !fua {
+			start := time.Now()
+			_, err = exp.Backend.WriteAt(p, off)
+			// Moving average (1/8 weight) of plain write latency.
+			cost := c.writeCost.Load()
+			c.writeCost.Store(cost + (int64(time.Since(start))-cost)/8)
+		} else if exp.fua != nil {
 			err = exp.fua.WriteFUA(p, off)
 		} else {
 			_, err = exp.Backend.WriteAt(p, off)
-			if err == nil && fua && exp.flusher != nil {
+			if err == nil && exp.flusher != nil {
 				err = exp.flusher.Flush()
 			}
 		}
@@ -268,21 +323,39 @@ func (c *conn) send(r reply) {
 			_, c.werr = c.bw.Write(r.data)
 		}
 	}
-	if c.ready.Add(-1) == 0 && c.werr == nil {
+	// While the reader is still dispatching requests it has already
+	// buffered, more replies are coming: leave the flush to it (it flushes
+	// before it can block, see flushPending).
+	if c.ready.Add(-1) == 0 && c.werr == nil && !c.readerBusy.Load() {
 		c.werr = c.bw.Flush()
 	}
-	failed := c.werr != nil && !c.closedOnErr
-	if failed {
-		c.closedOnErr = true
-	}
+	c.checkWriteErrLocked()
 	c.wmu.Unlock()
-	if failed {
-		c.fail(c.werr)
-	}
 	if r.buf != nil {
 		putBuf(r.buf)
 	}
 	c.budget.release(r.weight)
+}
+
+// checkWriteErrLocked closes the connection on the first write error.
+func (c *conn) checkWriteErrLocked() {
+	if c.werr != nil && !c.closedOnErr {
+		c.closedOnErr = true
+		// Closing does not block; the reader and senders then fail fast.
+		c.fail(c.werr)
+	}
+}
+
+// flushPending is called by the reader before it may block (waiting for
+// the client or for budget): replies written while it was busy must go out.
+func (c *conn) flushPending() {
+	c.readerBusy.Store(false)
+	c.wmu.Lock()
+	if c.werr == nil && c.ready.Load() == 0 && c.bw.Buffered() > 0 {
+		c.werr = c.bw.Flush()
+		c.checkWriteErrLocked()
+	}
+	c.wmu.Unlock()
 }
 
 func (c *conn) fail(err error) {
@@ -306,6 +379,17 @@ type budget struct {
 func (b *budget) init(maxBytes int64, maxCount int) {
 	b.cond.L = &b.mu
 	b.maxBytes, b.maxCount = maxBytes, maxCount
+}
+
+func (b *budget) tryAcquire(n int64) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.count > 0 && (b.count >= b.maxCount || b.bytes+n > b.maxBytes) {
+		return false
+	}
+	b.bytes += n
+	b.count++
+	return true
 }
 
 func (b *budget) acquire(n int64) {

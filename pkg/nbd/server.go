@@ -28,6 +28,11 @@ type Config struct {
 	MaxInFlightRequests int
 	// HandshakeTimeout bounds the whole negotiation. Default 30 s.
 	HandshakeTimeout time.Duration
+	// NoInline runs every request on its own goroutine, even small ones
+	// to a fast backend (see conn), for backends whose latency is
+	// bimodal enough that holding up one connection behind a slow
+	// request is worse than the per-request scheduling cost.
+	NoInline bool
 }
 
 // Server serves exports over NBD (fixed newstyle, simple replies).

@@ -468,6 +468,43 @@ func TestInFlightBounded(t *testing.T) {
 	}
 }
 
+// sleepBackend takes a while for every write.
+type sleepBackend struct {
+	*MemBackend
+	cur, peak atomic.Int32
+}
+
+func (s *sleepBackend) WriteAt(b []byte, off int64) (int, error) {
+	n := s.cur.Add(1)
+	for p := s.peak.Load(); n > p && !s.peak.CompareAndSwap(p, n); p = s.peak.Load() {
+	}
+	time.Sleep(2 * time.Millisecond)
+	s.cur.Add(-1)
+	return s.MemBackend.WriteAt(b, off)
+}
+
+func TestSlowBackendKeepsConcurrency(t *testing.T) {
+	for _, noInline := range []bool{false, true} {
+		sb := &sleepBackend{MemBackend: NewMemBackend(1 << 20)}
+		_, path := startServer(t, Config{NoInline: noInline}, Export{Backend: sb})
+		c := connect(t, path, "")
+		const n = 64
+		for i := 0; i < n; i++ {
+			c.send(cmdWrite, 0, uint64(i), uint64(i%16)*4096, 4096, make([]byte, 4096))
+		}
+		for i := 0; i < n; i++ {
+			if r := c.mustRecv(); r.errno != 0 {
+				t.Fatal(r.errno)
+			}
+		}
+		// Inline execution is only for fast backends: slow writes must
+		// still overlap.
+		if p := sb.peak.Load(); p < 4 {
+			t.Errorf("noInline=%v: peak concurrency %d with a slow backend", noInline, p)
+		}
+	}
+}
+
 func TestFlushAndFUADurability(t *testing.T) {
 	for _, native := range []bool{false, true} {
 		t.Run(fmt.Sprint("nativeFUA=", native), func(t *testing.T) {
