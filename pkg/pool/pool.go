@@ -8,8 +8,9 @@
 // accounting needs no bookkeeping of its own that could drift or be lost in
 // a restart. A full filesystem fails creation with ErrNoSpace.
 //
-// The LVM kind (logical volumes in a volume group) is not implemented yet:
-// configuring it is refused with a clear error.
+// The LVM kind keeps each volume as a fully allocated logical volume in a
+// volume group, through the lvm tools (lvm.go); capacity is the group's
+// free space as vgs reports it.
 package pool
 
 import (
@@ -74,7 +75,10 @@ func New(c Config) (Pool, error) {
 		}
 		return &Directory{Dir: c.Path}, nil
 	case KindLVM:
-		return nil, fmt.Errorf("pool: kind %q (volume group %q) is not implemented yet; use kind %q", KindLVM, c.VolumeGroup, KindDirectory)
+		if c.VolumeGroup == "" {
+			return nil, errors.New("pool: lvm pool needs a volumeGroup")
+		}
+		return &LVM{VG: c.VolumeGroup}, nil
 	default:
 		return nil, fmt.Errorf("pool: unknown kind %q (allowed: %s, %s)", c.Kind, KindDirectory, KindLVM)
 	}

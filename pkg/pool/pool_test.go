@@ -47,9 +47,12 @@ func TestDirectoryLifecycle(t *testing.T) {
 	}
 }
 
-func TestLVMRefused(t *testing.T) {
-	if _, err := New(Config{Kind: KindLVM, VolumeGroup: "vg"}); err == nil {
-		t.Fatal("lvm accepted although not implemented")
+func TestKinds(t *testing.T) {
+	if p, err := New(Config{Kind: KindLVM, VolumeGroup: "vg"}); err != nil || p.String() != "lvm:vg" {
+		t.Fatalf("lvm: %v %v", p, err)
+	}
+	if _, err := New(Config{Kind: KindLVM}); err == nil {
+		t.Fatal("lvm without a volume group accepted")
 	}
 	if _, err := New(Config{Kind: "zfs"}); err == nil {
 		t.Fatal("unknown kind accepted")
