@@ -166,7 +166,7 @@ func (c *conn) readLoop() error {
 				c.flushPending()
 				c.budget.acquire(0)
 			}
-			c.send(reply{handle: req.handle, errno: errInval})
+			c.send(reply{handle: req.handle, errno: errInval}, true)
 			continue
 		}
 		if !c.budget.tryAcquire(weight) {
@@ -187,7 +187,7 @@ func (c *conn) readLoop() error {
 			}
 		}
 		if errno := c.check(req); errno != 0 {
-			c.send(reply{handle: req.handle, errno: errno, buf: buf, weight: weight})
+			c.send(reply{handle: req.handle, errno: errno, buf: buf, weight: weight}, true)
 			continue
 		}
 		c.work.Add(1)
@@ -199,9 +199,12 @@ func (c *conn) readLoop() error {
 			// waking it: do it here. If the backend gets slow, requests
 			// go back to their own goroutines, so the reader is held
 			// up by at most one slow request at a time.
-			c.do(req, buf, weight)
+			// Replies finished by others meanwhile must not wait for
+			// this one (it may turn out slow): they flush themselves.
+			c.readerBusy.Store(false)
+			c.do(req, buf, weight, true)
 		} else {
-			go c.do(req, buf, weight)
+			go c.do(req, buf, weight, false)
 		}
 	}
 }
@@ -237,7 +240,7 @@ func (c *conn) check(req request) uint32 {
 }
 
 // do runs one request against the backend and queues its reply.
-func (c *conn) do(req request, buf *[]byte, weight int64) {
+func (c *conn) do(req request, buf *[]byte, weight int64, onReader bool) {
 	defer c.work.Done()
 	exp := c.exp
 	r := reply{handle: req.handle, weight: weight, buf: buf}
@@ -303,7 +306,7 @@ func (c *conn) do(req request, buf *[]byte, weight int64) {
 		r.data = nil
 		klog.V(2).InfoS("NBD request failed", "export", exp.Name, "cmd", cmdName(req.typ), "offset", off, "length", n, "errno", r.errno, "err", err)
 	}
-	c.send(r)
+	c.send(r, onReader)
 }
 
 // send writes one reply. Whoever completes a request writes its reply
@@ -313,7 +316,7 @@ func (c *conn) do(req request, buf *[]byte, weight int64) {
 // request. Every reply must have been charged to the budget; send releases
 // it and recycles the buffer. After a write error the socket is closed so
 // the reader stops; later replies are dropped.
-func (c *conn) send(r reply) {
+func (c *conn) send(r reply, onReader bool) {
 	c.ready.Add(1)
 	c.wmu.Lock()
 	if c.werr == nil {
@@ -326,7 +329,11 @@ func (c *conn) send(r reply) {
 	// While the reader is still dispatching requests it has already
 	// buffered, more replies are coming: leave the flush to it (it flushes
 	// before it can block, see flushPending).
-	if c.ready.Add(-1) == 0 && c.werr == nil && !c.readerBusy.Load() {
+	readerWillFlush := c.readerBusy.Load()
+	if onReader {
+		readerWillFlush = c.br.Buffered() >= requestHdrSize
+	}
+	if c.ready.Add(-1) == 0 && c.werr == nil && !readerWillFlush {
 		c.werr = c.bw.Flush()
 	}
 	c.checkWriteErrLocked()
