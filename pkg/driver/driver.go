@@ -95,6 +95,9 @@ func New(o Options) (*Driver, error) {
 	if o.MinCacheSize <= 0 {
 		o.MinCacheSize = 64 << 20
 	}
+	if o.MinCacheSize < params.MinCacheSize {
+		o.MinCacheSize = params.MinCacheSize // the engine's own floor
+	}
 	m := o.Mounter
 	if m == nil {
 		m = newSystemMounter()

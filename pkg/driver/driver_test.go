@@ -110,7 +110,7 @@ func newTestDriver(t *testing.T, maxVolumes int) (*Driver, *fakeRuntime) {
 	}
 	rt := &fakeRuntime{}
 	d, err := New(Options{NodeID: "n1", HDD: hdd, NVMe: nvme, State: st, Runtime: rt, Mounter: &fakeMounter{},
-		MaxVolumes: maxVolumes, MinCacheSize: 4 << 20})
+		MaxVolumes: maxVolumes, MinCacheSize: 8 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -129,18 +129,18 @@ func TestCreateIdempotentAndConflicts(t *testing.T) {
 	d, _ := newTestDriver(t, 2)
 	cs := ControllerServer{d: d}
 	ctx := context.Background()
-	a, err := cs.CreateVolume(ctx, createReq("a", 10<<20, map[string]string{"cacheSize": "5Mi"}))
+	a, err := cs.CreateVolume(ctx, createReq("a", 10<<20, map[string]string{"cacheSize": "9Mi"}))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if a.Volume.CapacityBytes != 10<<20 || a.Volume.VolumeContext["cacheSize"] != fmt.Sprint(5<<20) {
+	if a.Volume.CapacityBytes != 10<<20 || a.Volume.VolumeContext["cacheSize"] != fmt.Sprint(9<<20) {
 		t.Fatalf("volume %+v", a.Volume)
 	}
-	b, err := cs.CreateVolume(ctx, createReq("a", 10<<20, map[string]string{"cacheSize": "5Mi", "csi.storage.k8s.io/pvc/name": "x"}))
+	b, err := cs.CreateVolume(ctx, createReq("a", 10<<20, map[string]string{"cacheSize": "9Mi", "csi.storage.k8s.io/pvc/name": "x"}))
 	if err != nil || b.Volume.VolumeId != a.Volume.VolumeId {
 		t.Fatalf("repeat: %v %v", b, err)
 	}
-	_, err = cs.CreateVolume(ctx, createReq("a", 20<<20, map[string]string{"cacheSize": "5Mi"}))
+	_, err = cs.CreateVolume(ctx, createReq("a", 20<<20, map[string]string{"cacheSize": "9Mi"}))
 	if status.Code(err) != codes.AlreadyExists {
 		t.Fatalf("other size: %v", err)
 	}
@@ -154,9 +154,9 @@ func TestCreateIdempotentAndConflicts(t *testing.T) {
 	if _, err := cs.CreateVolume(ctx, createReq("c", 1<<20, nil)); status.Code(err) != codes.ResourceExhausted {
 		t.Fatalf("beyond max volumes: %v", err)
 	}
-	// Default cache: the minimum (4 MiB) for a small volume.
+	// Default cache: the minimum (8 MiB) for a small volume.
 	_, sz, err := d.opts.NVMe.Lookup(cacheName(volumeID("b")))
-	if err != nil || sz != 4<<20 {
+	if err != nil || sz != 8<<20 {
 		t.Fatalf("default cache slice %d %v", sz, err)
 	}
 	// A requirement for another node cannot be met here.

@@ -46,6 +46,10 @@ var tunableKeys = map[string]string{
 // FSTypes are the filesystems the driver formats.
 var FSTypes = []string{"ext4", "xfs"}
 
+// MinCacheSize is the smallest cacheSize accepted: the engine needs its
+// 1 MiB superblock area plus a ring of more segments than RAM buffers.
+const MinCacheSize = 8 << 20
+
 // DefaultFSType is used when the StorageClass gives none.
 const DefaultFSType = "ext4"
 
@@ -85,6 +89,9 @@ func Parse(m map[string]string) (*Volume, error) {
 			n, err := ParseQuantity(val)
 			if err != nil || n <= 0 {
 				return nil, &Error{Key: k, Msg: fmt.Sprintf("%q is not a positive size (examples: 1Gi, 512Mi, 1073741824)", m[k])}
+			}
+			if n < MinCacheSize {
+				return nil, &Error{Key: k, Msg: fmt.Sprintf("%q is below the minimum of 8Mi (the cache holds its superblock and a ring of several segments)", m[k])}
 			}
 			v.CacheSize = n
 		case k == KeyFSType:

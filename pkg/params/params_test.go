@@ -51,6 +51,7 @@ func TestParseErrorsNameKeyAndRange(t *testing.T) {
 		{"cacheSize", "lots", "positive size"},
 		{"cacheSize", "0", "positive size"},
 		{"cacheSize", "-1Gi", "positive size"},
+		{"cacheSize", "4Mi", "minimum of 8Mi"},
 		{"colour", "blue", "unknown parameter"},
 	} {
 		_, err := Parse(map[string]string{tc.key: tc.val, "writeAround": "false"})
