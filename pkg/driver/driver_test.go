@@ -97,7 +97,7 @@ func (m *fakeMounter) IsMountPoint(path string) (bool, error) {
 	return ok, nil
 }
 
-func (m *fakeMounter) Resize(string, string) error   { return nil }
+func (m *fakeMounter) Resize(string, string) error  { return nil }
 func (m *fakeMounter) ResizeUnmounted(string) error { return nil }
 
 func newTestDriver(t *testing.T, maxVolumes int) (*Driver, *fakeRuntime) {
