@@ -205,7 +205,8 @@ func TestLifecycle(t *testing.T) {
 
 // TestKillWhileStaged SIGKILLs the plugin while a volume is staged and
 // mounted: the mount keeps working after the restart and synced data is
-// intact, also after a later unstage and stage.
+// intact; then the same across a graceful restart, and after a later
+// unstage and stage.
 func TestKillWhileStaged(t *testing.T) {
 	e := newEnv(t)
 	v := e.create(t, "pvc-kill", 64<<20)
@@ -227,10 +228,18 @@ func TestKillWhileStaged(t *testing.T) {
 	if err != nil || st.VolumeCondition.GetAbnormal() {
 		t.Fatalf("stats after restart: %+v %v", st, err)
 	}
-	// Again, then a full unstage and stage: the data written through the
-	// restarted plugin reached the cache for good.
-	e.kill()
+	// A graceful stop (SIGTERM) flushes every volume and leaves the device
+	// to the next process; then a full unstage and stage shows the data
+	// written through the restarted plugin reached the cache for good.
+	if err := e.stop(); err != nil {
+		t.Fatalf("graceful stop: %v", err)
+	}
+	if !strings.Contains(e.log(), "Stopped; every volume flushed") {
+		t.Fatal("graceful stop did not report flushing")
+	}
 	e.start()
+	dropCaches()
+	checkFile(t, filepath.Join(target, "after"), after)
 	e.unpublishUnstage(t, v, staging, target)
 	staging = e.stage(t, v)
 	target = e.publish(t, v, staging)
@@ -287,5 +296,72 @@ func TestErrorCodes(t *testing.T) {
 	wantCode(t, "validate unknown", err, codes.NotFound, ghost)
 	if _, err := e.ctrl().DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: ghost}); err != nil {
 		t.Errorf("DeleteVolume of an unknown volume: %v", err)
+	}
+}
+
+var blockCap = &csi.VolumeCapability{
+	AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
+	AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_MULTI_WRITER},
+}
+
+// TestBlockKillWhileStaged: a raw block volume published to a "pod" keeps
+// its synced data across a SIGKILL and restart of the plugin.
+func TestBlockKillWhileStaged(t *testing.T) {
+	e := newEnv(t)
+	r, err := e.ctrl().CreateVolume(ctx(t), &csi.CreateVolumeRequest{Name: "pvc-block", Parameters: testParams,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 32 << 20}, VolumeCapabilities: []*csi.VolumeCapability{blockCap}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := r.Volume
+	staging := filepath.Join(e.base, "staging", v.VolumeId)
+	if _, err := e.node().NodeStageVolume(ctx(t), &csi.NodeStageVolumeRequest{VolumeId: v.VolumeId,
+		StagingTargetPath: staging, VolumeCapability: blockCap, VolumeContext: v.VolumeContext}); err != nil {
+		t.Fatal(err)
+	}
+	target := filepath.Join(e.base, "pods", "blk", "dev")
+	if _, err := e.node().NodePublishVolume(ctx(t), &csi.NodePublishVolumeRequest{VolumeId: v.VolumeId,
+		StagingTargetPath: staging, TargetPath: target, VolumeCapability: blockCap}); err != nil {
+		t.Fatal(err)
+	}
+	data := randBytes(4 << 20)
+	f, err := os.OpenFile(target, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(data, 8<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	e.kill()
+	e.start()
+	dropCaches()
+	f, err = os.Open(target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(data))
+	if _, err := f.ReadAt(got, 8<<20); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if !bytes.Equal(got, data) {
+		t.Fatal("block data differs after the plugin was killed and restarted")
+	}
+	st, err := e.node().NodeGetVolumeStats(ctx(t), &csi.NodeGetVolumeStatsRequest{VolumeId: v.VolumeId, VolumePath: target})
+	if err != nil || st.Usage[0].Total != 32<<20 || st.VolumeCondition.GetAbnormal() {
+		t.Fatalf("block stats: %+v %v", st, err)
+	}
+	if _, err := e.node().NodeUnpublishVolume(ctx(t), &csi.NodeUnpublishVolumeRequest{VolumeId: v.VolumeId, TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.node().NodeUnstageVolume(ctx(t), &csi.NodeUnstageVolumeRequest{VolumeId: v.VolumeId, StagingTargetPath: staging}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.ctrl().DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: v.VolumeId}); err != nil {
+		t.Fatal(err)
 	}
 }
