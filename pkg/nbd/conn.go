@@ -56,6 +56,7 @@ type conn struct {
 	readerBusy  atomic.Bool  // the reader has buffered requests to dispatch
 	writeCost   atomic.Int64 // moving average of WriteAt latency, ns
 	readCost    atomic.Int64 // moving average of ReadAt latency, ns
+	unread      int          // payload bytes in br still to be consumed (reader only)
 	wmu         sync.Mutex   // serialises replies on bw
 	werr        error        // first write error, under wmu
 	closedOnErr bool         // under wmu
@@ -174,6 +175,23 @@ func (c *conn) readLoop() error {
 			c.budget.acquire(weight)
 		}
 
+		inline := !c.srv.cfg.NoInline && req.length <= inlineMaxLen && ((req.typ == cmdWrite && req.flags&cmdFlagFUA == 0 &&
+			time.Duration(c.writeCost.Load()) < inlineMaxCost) ||
+			(req.typ == cmdRead && time.Duration(c.readCost.Load()) < inlineMaxCost))
+		if inline && req.typ == cmdWrite && c.br.Buffered() >= int(req.length) && c.check(req) == 0 {
+			// The payload is already in the read buffer: hand the
+			// backend a view of it (WriteAt must not keep p), saving
+			// a copy.
+			p, _ := c.br.Peek(int(req.length))
+			c.work.Add(1)
+			c.readerBusy.Store(false)
+			c.unread = len(p)
+			c.do(req, p, nil, weight, true)
+			c.unread = 0
+			_, _ = c.br.Discard(len(p))
+			continue
+		}
+
 		var buf *[]byte
 		if req.typ == cmdWrite {
 			buf = getBuf(int(req.length))
@@ -190,10 +208,12 @@ func (c *conn) readLoop() error {
 			c.send(reply{handle: req.handle, errno: errno, buf: buf, weight: weight}, true)
 			continue
 		}
+		var payload []byte
+		if buf != nil {
+			payload = (*buf)[:req.length]
+		}
 		c.work.Add(1)
-		if !c.srv.cfg.NoInline && req.length <= inlineMaxLen && ((req.typ == cmdWrite && req.flags&cmdFlagFUA == 0 &&
-			time.Duration(c.writeCost.Load()) < inlineMaxCost) ||
-			(req.typ == cmdRead && time.Duration(c.readCost.Load()) < inlineMaxCost)) {
+		if inline {
 			// A small request to a backend that answers quickly (RAM,
 			// a cache hit) costs less than starting a goroutine and
 			// waking it: do it here. If the backend gets slow, requests
@@ -202,9 +222,9 @@ func (c *conn) readLoop() error {
 			// Replies finished by others meanwhile must not wait for
 			// this one (it may turn out slow): they flush themselves.
 			c.readerBusy.Store(false)
-			c.do(req, buf, weight, true)
+			c.do(req, payload, buf, weight, true)
 		} else {
-			go c.do(req, buf, weight, false)
+			go c.do(req, payload, buf, weight, false)
 		}
 	}
 }
@@ -240,7 +260,9 @@ func (c *conn) check(req request) uint32 {
 }
 
 // do runs one request against the backend and queues its reply.
-func (c *conn) do(req request, buf *[]byte, weight int64, onReader bool) {
+// payload is a WRITE's data; buf, if not nil, holds it and is recycled
+// after the reply.
+func (c *conn) do(req request, payload []byte, buf *[]byte, weight int64, onReader bool) {
 	defer c.work.Done()
 	exp := c.exp
 	r := reply{handle: req.handle, weight: weight, buf: buf}
@@ -267,7 +289,7 @@ func (c *conn) do(req request, buf *[]byte, weight int64, onReader bool) {
 			r.data = p
 		}
 	case cmdWrite:
-		p := (*buf)[:n]
+		p := payload
 		if !fua {
 			start := time.Now()
 			_, err = exp.Backend.WriteAt(p, off)
@@ -331,7 +353,7 @@ func (c *conn) send(r reply, onReader bool) {
 	// before it can block, see flushPending).
 	readerWillFlush := c.readerBusy.Load()
 	if onReader {
-		readerWillFlush = c.br.Buffered() >= requestHdrSize
+		readerWillFlush = c.br.Buffered()-c.unread >= requestHdrSize
 	}
 	if c.ready.Add(-1) == 0 && c.werr == nil && !readerWillFlush {
 		c.werr = c.bw.Flush()
