@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/signal"
 	"syscall"
@@ -11,6 +12,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/writeboost-csi/writeboost-csi/pkg/attach"
+	"github.com/writeboost-csi/writeboost-csi/pkg/params"
 )
 
 // NewCommand returns the `csi` command (with its `prestop` and hidden
@@ -37,6 +39,9 @@ Minimal local run:
 				return err
 			}
 			cfg.RelayCommand = []string{exe, "csi", "nbd-relay"}
+			if !cmd.Flags().Changed("max-volumes") {
+				cfg.MaxVolumes = 0 // the config file's maxVolumes, else 64
+			}
 			d, err := Build(cfg)
 			if err != nil {
 				return err
@@ -56,8 +61,8 @@ Minimal local run:
 	f.StringVar(&cfg.RunDir, "run-dir", "/run/writeboost", "RAM buffers and private sockets (tmpfs that outlives the pod)")
 	f.StringVar(&cfg.MetricsAddress, "metrics-address", "", "Prometheus /metrics listen address; empty = off")
 	f.StringVar(&cfg.HealthAddress, "health-address", "", "HTTP /healthz listen address; empty = off")
-	f.IntVar(&cfg.MaxVolumes, "max-volumes", 64, "volumes this node accepts")
-	cmd.AddCommand(newPrestopCommand(), newRelayCommand())
+	f.IntVar(&cfg.MaxVolumes, "max-volumes", 64, "volumes this node accepts (overrides the config file's maxVolumes)")
+	cmd.AddCommand(newPrestopCommand(), newRelayCommand(), newParamsCommand())
 	return cmd
 }
 
@@ -106,3 +111,14 @@ type stdio struct{}
 
 func (stdio) Read(p []byte) (int, error)  { return os.Stdin.Read(p) }
 func (stdio) Write(p []byte) (int, error) { return os.Stdout.Write(p) }
+
+func newParamsCommand() *cobra.Command {
+	return &cobra.Command{
+		Use:   "params",
+		Short: "Print the StorageClass parameters as a Markdown table (for the README)",
+		Args:  cobra.NoArgs,
+		Run: func(cmd *cobra.Command, _ []string) {
+			fmt.Fprint(cmd.OutOrStdout(), params.Markdown())
+		},
+	}
+}

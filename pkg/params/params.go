@@ -206,3 +206,26 @@ func ParseQuantity(s string) (int64, error) {
 	}
 	return int64(b), nil
 }
+
+// Markdown documents every key as a table row, with ranges, defaults and
+// effects taken from engine.TunableSpecs.
+func Markdown() string {
+	var b strings.Builder
+	b.WriteString("| Parameter | Values | Default | Effect |\n|---|---|---|---|\n")
+	b.WriteString("| `" + KeyCacheSize + "` | size (e.g. `1Gi`), at least `8Mi` | `defaultCacheFraction` of the volume, at least `minCacheSize` | " +
+		"size of the volume's cache slice on the NVMe pool: the burst of writes absorbed at NVMe speed and the working set served from it |\n")
+	b.WriteString("| `" + KeyFSType + "` | `ext4`, `xfs` | `ext4` | filesystem made on Mount volumes |\n")
+	for _, k := range Keys() {
+		s, ok := Spec(k)
+		if !ok {
+			continue
+		}
+		vals := fmt.Sprintf("%d-%d %s", s.Min, s.Max, s.Unit)
+		def := strconv.Itoa(s.Default)
+		if s.Unit == "bool" {
+			vals, def = "`true`, `false`", strconv.FormatBool(s.Default != 0)
+		}
+		fmt.Fprintf(&b, "| `%s` | %s | %s | %s (engine tunable `%s`) |\n", k, vals, def, s.Help, s.Name)
+	}
+	return b.String()
+}

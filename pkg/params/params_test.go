@@ -98,3 +98,12 @@ func TestParseQuantity(t *testing.T) {
 		}
 	}
 }
+
+func TestMarkdownMentionsEveryKey(t *testing.T) {
+	md := Markdown()
+	for _, k := range Keys() {
+		if !strings.Contains(md, "`"+k+"`") {
+			t.Errorf("%s missing from the table", k)
+		}
+	}
+}
