@@ -2,6 +2,7 @@ package serve
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -127,6 +128,8 @@ func TestServeDefaults(t *testing.T) {
 		t.Errorf("check does not report a clean shutdown:\n%s", out)
 	}
 
+	checkCorruptCopy(t, cache)
+
 	// Restart: everything written, drained or not, reads back.
 	s = startServe(t, dir)
 	run(t, time.Minute, false, "qemu-io", "-f", "raw", s.uri,
@@ -185,4 +188,45 @@ func status(t *testing.T, s *server) map[string]any {
 		t.Fatalf("status --json: %v\n%s", err, out)
 	}
 	return m
+}
+
+// checkCorruptCopy flips one byte of a live segment's data in a copy of
+// cache and expects `writeboost check` to exit 1 naming that segment.
+func checkCorruptCopy(t *testing.T, cache string) {
+	t.Helper()
+	out, _ := wb(t, false, "check", "--json", "--cache", cache)
+	var rep struct {
+		Live []struct {
+			ID     uint64 `json:"id"`
+			Offset int64  `json:"offset"`
+			Count  int    `json:"count"`
+		} `json:"live_segments"`
+	}
+	if err := json.Unmarshal([]byte(out), &rep); err != nil || len(rep.Live) == 0 {
+		t.Fatalf("check --json: %v\n%s", err, out)
+	}
+	victim := rep.Live[len(rep.Live)-1]
+	bad := filepath.Join(t.TempDir(), "bad.img")
+	run(t, time.Minute, false, "cp", "--sparse=always", cache, bad)
+	f, err := os.OpenFile(bad, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 1)
+	off := victim.Offset + 4096 + 1234 // in the first data block
+	if _, err := f.ReadAt(b, off); err != nil {
+		t.Fatal(err)
+	}
+	b[0] ^= 1
+	if _, err := f.WriteAt(b, off); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	out, err = wb(t, true, "check", "--cache", bad)
+	if exitCode(err) != 1 {
+		t.Fatalf("check of a corrupted cache: exit %d, want 1\n%s", exitCode(err), out)
+	}
+	if want := fmt.Sprintf("segment %d ", victim.ID); !strings.Contains(out, want) {
+		t.Errorf("check output does not name %q:\n%s", want, out)
+	}
 }
