@@ -217,3 +217,39 @@ func TestServeFilesystemSurvivesKill(t *testing.T) {
 		t.Fatalf("check after the restart's clean stop: %v\n%s", err, out)
 	}
 }
+
+// TestServeAttach: serve --attach makes a block device and removes it on
+// SIGTERM, exiting 0.
+func TestServeAttach(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireTools(t, "nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "fsck.ext4")
+	dir := t.TempDir()
+	s := startServe(t, dir, "--attach", "--backing-size", "256MiB", "--cache-size", "64MiB")
+	deadline := time.Now().Add(2 * time.Minute)
+	var dev string
+	for dev == "" {
+		for _, line := range strings.Split(s.out.String(), "\n") {
+			if rest, ok := strings.CutPrefix(line, "Attached as "); ok {
+				dev, _, _ = strings.Cut(rest, " ")
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("serve --attach printed no device:\n%s", s.out.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	back, _ := run(t, time.Minute, false, "losetup", "--noheadings", "-O", "BACK-FILE", dev)
+	back = strings.TrimSpace(back)
+	if back == "" {
+		t.Fatalf("%s has no backing file", dev)
+	}
+	run(t, 2*time.Minute, false, "mkfs.ext4", "-q", dev)
+	fsckClean(t, dev)
+	if code := s.stop(syscall.SIGTERM); code != 0 {
+		t.Fatalf("serve --attach exited %d after SIGTERM", code)
+	}
+	out, _ := run(t, time.Minute, false, "losetup", "-a")
+	if strings.Contains(out, "("+back+")") {
+		t.Fatalf("loop device over %s still attached after serve exited:\n%s", back, out)
+	}
+}
