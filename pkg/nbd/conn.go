@@ -279,9 +279,9 @@ func (c *conn) do(req request, payload []byte, buf *[]byte, weight int64, onRead
 		got, err = exp.Backend.ReadAt(p, off)
 		cost := c.readCost.Load()
 		c.readCost.Store(cost + (int64(time.Since(start))-cost)/8)
-		if got == len(p) {
+		if got == len(p) && errors.Is(err, io.EOF) {
 			err = nil // io.EOF with a full buffer is success
-		} else if err == nil {
+		} else if err == nil && got != len(p) {
 			err = io.ErrUnexpectedEOF
 		}
 		if err == nil {
@@ -292,7 +292,11 @@ func (c *conn) do(req request, payload []byte, buf *[]byte, weight int64, onRead
 		p := payload
 		if !fua {
 			start := time.Now()
-			_, err = exp.Backend.WriteAt(p, off)
+			var wrote int
+			wrote, err = exp.Backend.WriteAt(p, off)
+			if err == nil && wrote != len(p) {
+				err = io.ErrShortWrite
+			}
 			// Moving average (1/8 weight) of plain write latency.
 			cost := c.writeCost.Load()
 			c.writeCost.Store(cost + (int64(time.Since(start))-cost)/8)

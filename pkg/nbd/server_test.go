@@ -126,6 +126,9 @@ type errBackend struct {
 }
 
 func (e errBackend) ReadAt(b []byte, off int64) (int, error) {
+	if off == 24576 {
+		return 10, nil // short read without an error
+	}
 	if err := e.errs[off]; err != nil {
 		return 0, err
 	}
@@ -562,6 +565,9 @@ func TestErrorMapping(t *testing.T) {
 	}
 	if r := c.do(cmdFlush, 0, 0, 0, nil); r.errno != errIO {
 		t.Errorf("flush: errno %d", r.errno)
+	}
+	if r := c.do(cmdRead, 0, 24576, 4096, nil); r.errno != errIO {
+		t.Errorf("short read: errno %d, want EIO", r.errno)
 	}
 	// A failed READ sends no data: the next reply parses cleanly.
 	if r := c.do(cmdRead, 0, 65536, 16, nil); r.errno != 0 || len(r.data) != 16 {
