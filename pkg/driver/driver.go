@@ -51,6 +51,7 @@ const (
 type Runtime interface {
 	Stage(ctx context.Context, s volume.Spec) (device string, err error)
 	Unstage(ctx context.Context, id, device string) error
+	Drain(ctx context.Context, id string) error
 	Get(id string) (volume.Info, bool)
 	IDs() []string
 	FlushAll() error

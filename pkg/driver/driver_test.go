@@ -56,9 +56,10 @@ func (f *fakeRuntime) Get(id string) (volume.Info, bool) {
 	return volume.Info{Device: "/dev/fake-" + id, Size: fi.Size(), Err: f.err, Status: engine.Status{}}, true
 }
 
-func (f *fakeRuntime) IDs() []string   { return nil }
-func (f *fakeRuntime) FlushAll() error { return nil }
-func (f *fakeRuntime) Shutdown() error { return nil }
+func (f *fakeRuntime) Drain(context.Context, string) error { return nil }
+func (f *fakeRuntime) IDs() []string                       { return nil }
+func (f *fakeRuntime) FlushAll() error                     { return nil }
+func (f *fakeRuntime) Shutdown() error                     { return nil }
 
 // fakeMounter keeps a mount table in memory.
 type fakeMounter struct {

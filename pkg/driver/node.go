@@ -218,14 +218,27 @@ func (s NodeServer) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageV
 	if ok && v.Staged != nil {
 		device = v.Staged.Device
 	}
+	static := ok && v.BackingDevice != ""
+	if static {
+		// A static volume's backing device may be used without us later:
+		// write everything back before letting go of it.
+		if _, running := d.opts.Runtime.Get(id); running {
+			if err := d.opts.Runtime.Drain(ctx, id); err != nil {
+				return nil, status.Errorf(codes.Internal, "volume %s: write back to %s: %v", id, v.BackingDevice, err)
+			}
+		}
+	}
 	if err := d.opts.Runtime.Unstage(ctx, id, device); err != nil {
 		return nil, status.Errorf(codes.Internal, "volume %s: stop: %v", id, err)
 	}
 	if ok && v.Staged != nil {
 		v.Staged = nil
-		if v.BackingDevice != "" {
-			// A static volume lives only while staged; its cache slice is
-			// kept (clean) for the next stage.
+		if static {
+			// A static volume lives here only while staged; its cache
+			// slice is empty of dirty data now.
+			if err := d.opts.NVMe.Delete(cacheName(id)); err != nil {
+				return nil, status.Errorf(codes.Internal, "volume %s: cache slice: %v", id, err)
+			}
 			if err := d.opts.State.Delete(id); err != nil {
 				return nil, status.Errorf(codes.Internal, "volume %s: record: %v", id, err)
 			}

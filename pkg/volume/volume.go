@@ -251,6 +251,18 @@ func (m *Manager) Unstage(ctx context.Context, id string, device string) error {
 	return nil
 }
 
+// Drain writes back every dirty block of a running volume to its backing
+// device, so the backing holds all the data on its own.
+func (m *Manager) Drain(ctx context.Context, id string) error {
+	m.mu.Lock()
+	r := m.vols[id]
+	m.mu.Unlock()
+	if r == nil {
+		return fmt.Errorf("volume %s is not running", id)
+	}
+	return r.eng.Drain(ctx, nil)
+}
+
 // Info reports a running volume.
 type Info struct {
 	Device string

@@ -82,6 +82,8 @@ func TestStaticVolume(t *testing.T) {
 	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
 
 	v := &csi.Volume{VolumeId: "static-pv-1", VolumeContext: map[string]string{"backingDevice": dev, "writebackThreshold": "0"}}
+	// writebackThreshold 0: nothing is written back in the background, so
+	// the data is still dirty in the cache when unstaging starts.
 	staging := e.stage(t, v)
 	target := e.publish(t, v, staging)
 	data := randBytes(512<<10 + 1)
@@ -91,5 +93,21 @@ func TestStaticVolume(t *testing.T) {
 	target = e.publish(t, v, staging)
 	dropCaches()
 	checkFile(t, filepath.Join(target, "x"), data)
+	more := randBytes(300 << 10)
+	writeSynced(t, filepath.Join(target, "y"), more)
 	e.unpublishUnstage(t, v, staging, target)
+
+	// Unstaging wrote everything back: the backing device alone holds the
+	// filesystem and its files, and the cache slice is gone.
+	if ents, _ := filepath.Glob(filepath.Join(e.nvme, "*.img")); len(ents) != 0 {
+		t.Fatalf("cache slice left: %v", ents)
+	}
+	direct := filepath.Join(e.base, "direct")
+	os.MkdirAll(direct, 0o700)
+	if out, err := exec.Command("mount", "-o", "ro", dev, direct).CombinedOutput(); err != nil {
+		t.Fatalf("mount the backing device alone: %v %s", err, out)
+	}
+	defer exec.Command("umount", direct).Run()
+	checkFile(t, filepath.Join(direct, "x"), data)
+	checkFile(t, filepath.Join(direct, "y"), more)
 }
