@@ -155,3 +155,24 @@ func TestHelpListsCommands(t *testing.T) {
 		t.Fatalf("version: %q %v", out.String(), err)
 	}
 }
+
+func TestProgressRendering(t *testing.T) {
+	if got := renderBar(5, 10, "blocks", 10); got != "[#####.....]  50.0%  5/10 blocks" {
+		t.Errorf("renderBar = %q", got)
+	}
+	if got := renderBar(12, 10, "blocks", 4); got != "[####] 100.0%  10/10 blocks" {
+		t.Errorf("renderBar past the end = %q", got)
+	}
+	if got := renderCounts(7, 0, "blocks"); got != "7 blocks" {
+		t.Errorf("renderCounts with unknown total = %q", got)
+	}
+	// Not a terminal: plain lines, the first at once, then rate-limited.
+	var out bytes.Buffer
+	b := newProgressBar(&out, "blocks")
+	b.update(1, 10)
+	b.update(2, 10)
+	b.finish()
+	if out.String() != "10.0%  1/10 blocks\n" {
+		t.Errorf("plain progress = %q", out.String())
+	}
+}

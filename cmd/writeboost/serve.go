@@ -241,14 +241,21 @@ func runServe(cmd *cobra.Command, cfg *serveConfig) error {
 	case serveErr = <-nbdSrv.done:
 		klog.ErrorS(serveErr, "NBD server stopped")
 	}
+	first := time.Now()
 	go func() {
 		// A second signal aborts the graceful stop. With the buffers in a
 		// shared mapping no acknowledged write is lost even then; the next
-		// start recovers.
-		sig := <-sigs
-		klog.InfoS("Second signal: exiting without a clean shutdown", "signal", sig.String())
-		klog.Flush()
-		os.Exit(1)
+		// start recovers. Signals within a second of the first are the
+		// same request delivered twice (to the process and its group, as
+		// timeout(1) does), not a user insisting.
+		for sig := range sigs {
+			if time.Since(first) < time.Second {
+				continue
+			}
+			klog.InfoS("Second signal: exiting without a clean shutdown", "signal", sig.String())
+			klog.Flush()
+			os.Exit(1)
+		}
 	}()
 
 	var errs []error
