@@ -216,7 +216,8 @@ func TestFioVerify(t *testing.T) {
 		{"--rw=write", "--bs=1m", "--iodepth=8"},
 	} {
 		args := append([]string{"--name=verify", "--ioengine=nbd", "--uri=" + s.uri(""), "--size=64m",
-			"--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--randrepeat=0", "--output-format=json"}, job...)
+			"--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
+			"--randrepeat=0", "--output-format=json"}, job...)
 		out := run(t, "fio", args...)
 		var res struct {
 			Jobs []struct {
