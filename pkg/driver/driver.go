@@ -15,6 +15,14 @@
 // the edge. The node's record of volumes (package nodestate) is written
 // atomically before a call reports success, and a restarted plugin
 // re-adopts every staged volume (Readopt).
+//
+// Expansion is offline: ControllerExpandVolume grows the backing of an
+// unstaged volume, and the next NodeStageVolume opens the engine with the
+// grown backing (engine.Options.AllowBackingGrowth) and grows an ext4
+// filesystem before mounting it (online ext4 resizing needs
+// CAP_SYS_RESOURCE, and the nbdfuse fallback cannot change a live device's
+// size). Static volumes (volume context "backingDevice") are written back
+// completely when unstaged, so their device can be used without us.
 package driver
 
 import (

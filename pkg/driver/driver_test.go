@@ -276,3 +276,23 @@ func TestConfigStrict(t *testing.T) {
 		}
 	}
 }
+
+func TestIdentityAndProbe(t *testing.T) {
+	d, _ := newTestDriver(t, 0)
+	is := IdentityServer{d: d}
+	info, err := is.GetPluginInfo(context.Background(), &csi.GetPluginInfoRequest{})
+	if err != nil || info.Name != Name {
+		t.Fatalf("%v %v", info, err)
+	}
+	if r, err := is.Probe(context.Background(), &csi.ProbeRequest{}); err != nil || !r.Ready.GetValue() {
+		t.Fatalf("probe with usable pools: %v %v", r, err)
+	}
+	os.RemoveAll(d.opts.HDD.(*pool.Directory).Dir)
+	if _, err := is.Probe(context.Background(), &csi.ProbeRequest{}); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("probe with a missing pool: %v", err)
+	}
+	ni, err := NodeServer{d: d}.NodeGetInfo(context.Background(), &csi.NodeGetInfoRequest{})
+	if err != nil || ni.NodeId != "n1" || ni.AccessibleTopology.Segments[TopologyKey] != "n1" || ni.MaxVolumesPerNode != 64 {
+		t.Fatalf("node info %v %v", ni, err)
+	}
+}
