@@ -11,6 +11,8 @@ import (
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+
+	"github.com/writeboost-csi/writeboost-csi/test/testenv"
 )
 
 func freeAddr(t *testing.T) string {
@@ -110,4 +112,60 @@ func TestStaticVolume(t *testing.T) {
 	defer exec.Command("umount", direct).Run()
 	checkFile(t, filepath.Join(direct, "x"), data)
 	checkFile(t, filepath.Join(direct, "y"), more)
+}
+
+// TestXFSExpand: an xfs volume (at least 300 MiB, mkfs.xfs's floor) is
+// grown online by NodeExpandVolume (xfs_growfs) after an offline backing
+// expansion.
+func TestXFSExpand(t *testing.T) {
+	testenv.RequireTools(t, "xfs_growfs")
+	e := newEnv(t)
+	xfsCap := &csi.VolumeCapability{
+		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: "xfs"}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER},
+	}
+	r, err := e.ctrl().CreateVolume(ctx(t), &csi.CreateVolumeRequest{Name: "pvc-xfs",
+		Parameters:    map[string]string{"csi.storage.k8s.io/fstype": "xfs", "cacheSize": "32Mi"},
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 320 << 20}, VolumeCapabilities: []*csi.VolumeCapability{xfsCap}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := r.Volume
+	staging := filepath.Join(e.base, "staging", v.VolumeId)
+	stage := func() {
+		if _, err := e.node().NodeStageVolume(ctx(t), &csi.NodeStageVolumeRequest{VolumeId: v.VolumeId,
+			StagingTargetPath: staging, VolumeCapability: xfsCap, VolumeContext: v.VolumeContext}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	unstage := func() {
+		if _, err := e.node().NodeUnstageVolume(ctx(t), &csi.NodeUnstageVolumeRequest{VolumeId: v.VolumeId, StagingTargetPath: staging}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	stage()
+	if out, _ := exec.Command("findmnt", "-n", "-o", "FSTYPE", staging).Output(); strings.TrimSpace(string(out)) != "xfs" {
+		t.Fatalf("staging mount is %q, want xfs", out)
+	}
+	data := randBytes(1 << 20)
+	writeSynced(t, filepath.Join(staging, "f"), data)
+	before := fsSize(t, staging)
+	unstage()
+	if _, err := e.ctrl().ControllerExpandVolume(ctx(t), &csi.ControllerExpandVolumeRequest{VolumeId: v.VolumeId,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 448 << 20}, VolumeCapability: xfsCap}); err != nil {
+		t.Fatal(err)
+	}
+	stage()
+	if _, err := e.node().NodeExpandVolume(ctx(t), &csi.NodeExpandVolumeRequest{VolumeId: v.VolumeId, VolumePath: staging,
+		StagingTargetPath: staging, CapacityRange: &csi.CapacityRange{RequiredBytes: 448 << 20}, VolumeCapability: xfsCap}); err != nil {
+		t.Fatal(err)
+	}
+	if after := fsSize(t, staging); after < before+(100<<20) {
+		t.Fatalf("xfs is %d bytes after expansion, was %d", after, before)
+	}
+	checkFile(t, filepath.Join(staging, "f"), data)
+	unstage()
+	if _, err := e.ctrl().DeleteVolume(ctx(t), &csi.DeleteVolumeRequest{VolumeId: v.VolumeId}); err != nil {
+		t.Fatal(err)
+	}
 }
