@@ -164,7 +164,7 @@ func Check(r io.ReaderAt, size int64, o Options) (*Report, error) {
 	live := map[uint64]bool{}
 	dirty := map[uint64]struct{}{}
 	hdr := make([]byte, blockSize)
-	data := make([]byte, nd*blockSize)
+	seg := make([]byte, geo.SegmentSize)
 	id := ck.LastWritebackID + 1
 	prevEpoch := uint32(0)
 	var done uint64
@@ -179,10 +179,11 @@ func Check(r io.ReaderAt, size int64, o Options) (*Report, error) {
 			break
 		}
 		s := SegmentReport{ID: id, Slot: geo.SlotOf(id), Offset: geo.SegmentOffset(id), Durable: id <= ck.LastFlushedID}
-		if _, err := r.ReadAt(hdr, s.Offset); err != nil {
+		// One read per segment: a check is a sequential scan of the log.
+		if _, err := r.ReadAt(seg, s.Offset); err != nil {
 			return rep, fmt.Errorf("read segment %d: %w", id, err)
 		}
-		h, err := layout.DecodeSegmentHeader(hdr, nd)
+		h, err := layout.DecodeSegmentHeader(seg[:blockSize], nd)
 		switch {
 		case err != nil:
 			s.Problem = fmt.Sprintf("header: %v", err)
@@ -195,10 +196,7 @@ func Check(r io.ReaderAt, size int64, o Options) (*Report, error) {
 		}
 		if s.Problem == "" {
 			s.HeaderOK, s.Epoch, s.Count = true, h.Epoch, h.Count
-			d := data[:h.Count*blockSize]
-			if _, err := r.ReadAt(d, s.Offset+blockSize); err != nil {
-				return rep, fmt.Errorf("read segment %d data: %w", id, err)
-			}
+			d := seg[blockSize : (1+h.Count)*blockSize]
 			crc := uint32(0)
 			for i, mb := range h.Metablocks {
 				if mb.Kind.HasData() {
