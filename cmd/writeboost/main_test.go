@@ -96,6 +96,9 @@ func TestEnsureImageIsSparseAndKeepsExisting(t *testing.T) {
 	if b, _ := os.ReadFile(p); string(b) != "keep" {
 		t.Fatal("ensureImage touched an existing image")
 	}
+	if _, err := ensureImage("/dev/writeboost-no-such-disk", 1<<30); err == nil || !strings.Contains(err.Error(), "does not exist") {
+		t.Fatalf("ensureImage under /dev: %v", err)
+	}
 	if _, err := ensureImage(filepath.Join(t.TempDir(), "odd"), 1000); err == nil {
 		t.Fatal("ensureImage accepted a size that is not a multiple of 4096")
 	}

@@ -87,6 +87,10 @@ func ensureImage(path string, size int64) (created bool, err error) {
 	} else if !errors.Is(err, os.ErrNotExist) {
 		return false, fmt.Errorf("image %s: %w", path, err)
 	}
+	if abs, _ := filepath.Abs(path); strings.HasPrefix(abs, "/dev/") {
+		// A mistyped device name must not become a file on devtmpfs.
+		return false, fmt.Errorf("device %s does not exist", path)
+	}
 	if size <= 0 || size%4096 != 0 {
 		return false, fmt.Errorf("image %s: size %d is not a positive multiple of 4096", path, size)
 	}
