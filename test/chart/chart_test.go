@@ -954,3 +954,56 @@ func TestDockerfileEntrypoint(t *testing.T) {
 		t.Errorf("Dockerfile has no exec-form ENTRYPOINT [%q]", pluginBin)
 	}
 }
+
+// TestNotes renders NOTES.txt (helm template skips it, so a copy of the
+// chart holds it under another name) and checks it names the verification
+// commands and every group's pools, with no missing value.
+func TestNotes(t *testing.T) {
+	h := helm(t)
+	dir := filepath.Join(t.TempDir(), "writeboost-csi")
+	if err := os.CopyFS(dir, os.DirFS(chartDir)); err != nil {
+		t.Fatal(err)
+	}
+	// helm parses every rendered template as YAML: wrap the notes in a
+	// named template and emit it as a block scalar.
+	notes, err := os.ReadFile(filepath.Join(dir, "templates/NOTES.txt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrap := "{{- define \"notes-test\" -}}\n" + string(notes) + "\n{{- end }}\n"
+	if err := os.WriteFile(filepath.Join(dir, "templates/_notes-test.tpl"), []byte(wrap), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "templates/notes-test.yaml"), []byte("notes: |\n{{ include \"notes-test\" . | indent 2 }}\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		args []string
+		want []string
+	}{
+		{nil, []string{"kubectl get csidriver writeboost.csi.io", "/mnt/hdd/writeboost (directory)", "Metrics are off"}},
+		{[]string{"-f", "testdata/values-custom.yaml"}, []string{"vg-hdd (lvm)", "/srv/nvme (directory)", "curl -s localhost:9900/metrics",
+			"port-forward ds/wb-writeboost-csi-hdd-dirs 9900", "storageClassName: writeboost-hdd"}},
+	} {
+		a := append([]string{"template", "wb", dir, "--namespace", "storage", "--kube-version", kubeVer, "--show-only", "templates/notes-test.yaml"}, c.args...)
+		rendered, err := run(t, h, a...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var doc struct {
+			Notes string `json:"notes"`
+		}
+		if err := strictDecode([]byte(rendered), &doc); err != nil {
+			t.Fatal(err)
+		}
+		out := doc.Notes
+		for _, w := range c.want {
+			if !strings.Contains(out, w) {
+				t.Errorf("NOTES lack %q:\n%s", w, out)
+			}
+		}
+		if strings.Contains(out, "<no value>") {
+			t.Errorf("NOTES have a missing value:\n%s", out)
+		}
+	}
+}
