@@ -545,6 +545,11 @@ func checkDaemonSet(t *testing.T, o *objects, ds *appsv1.DaemonSet, e expect, g 
 	if ds.Namespace != "storage" || !selects(ds.Spec.Selector.MatchLabels, ds.Spec.Template.Labels) {
 		t.Errorf("DaemonSet %s: namespace %q, selector %v vs pod labels %v", ds.Name, ds.Namespace, ds.Spec.Selector.MatchLabels, ds.Spec.Template.Labels)
 	}
+	// Without the host's network namespace older kernels hide the nbd
+	// netlink family and volumes lose their reconnectable devices.
+	if !spec.HostNetwork || spec.DNSPolicy != corev1.DNSClusterFirstWithHostNet {
+		t.Errorf("DaemonSet %s: hostNetwork %v dnsPolicy %q", ds.Name, spec.HostNetwork, spec.DNSPolicy)
+	}
 	if spec.PriorityClassName != "system-node-critical" {
 		t.Errorf("DaemonSet %s: priorityClassName %q", ds.Name, spec.PriorityClassName)
 	}
