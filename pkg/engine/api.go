@@ -185,6 +185,13 @@ type Options struct {
 	// shared mapping of a file, see OpenBufferFile) makes acknowledged but
 	// unflushed writes survive a kill of the process; nil uses the heap.
 	Buffer BufferMemory
+	// BufferPath, when Buffer is nil, names a file to map as Buffer
+	// (OpenBufferFile); put it on tmpfs (/run, /dev/shm).
+	BufferPath string
+	// AllowBackingGrowth accepts a backing device larger than the one the
+	// cache was made for (a volume expansion) and records the new size.
+	// A smaller backing device is always refused.
+	AllowBackingGrowth bool
 
 	Tunables Tunables
 	// Clock drives timers (intervals, utilisation); nil is the real clock.

@@ -29,7 +29,9 @@ type Checkpoint struct {
 	// the backing device and the backing device was flushed.
 	LastWritebackID uint64
 	// LastFlushedID: every segment with id <= this was durable on the
-	// cache device when this record was written.
+	// cache device when this record was written. It may be below
+	// LastWritebackID (written back before a cache flush), except in a
+	// Clean record.
 	LastFlushedID uint64
 	// Clean: written at a clean shutdown; the log ends exactly at
 	// LastFlushedID.
@@ -98,9 +100,13 @@ func DecodeCheckpoint(b []byte) (Checkpoint, error) {
 		return Checkpoint{}, fmt.Errorf("%w: checkpoint: reserved bytes are not zero", ErrInvalid)
 	case c.Seq == 0:
 		return Checkpoint{}, fmt.Errorf("%w: checkpoint: sequence 0 (records are numbered from 1)", ErrInvalid)
-	case c.LastWritebackID > c.LastFlushedID:
-		return Checkpoint{}, fmt.Errorf("%w: checkpoint: last written-back segment %d is after the last flushed one %d",
-			ErrInvalid, c.LastWritebackID, c.LastFlushedID)
+	case c.Clean && c.LastWritebackID > c.LastFlushedID:
+		// The log of a clean shutdown ends at LastFlushedID: nothing after
+		// it can have been written back. (Otherwise a segment may be
+		// written back, and the backing flushed, before a cache flush
+		// makes it durable on the cache device.)
+		return Checkpoint{}, fmt.Errorf("%w: checkpoint: clean shutdown with the log ending at segment %d, but segments up to %d written back",
+			ErrInvalid, c.LastFlushedID, c.LastWritebackID)
 	}
 	return c, nil
 }

@@ -23,6 +23,8 @@ func TestCheckpointRoundTrip(t *testing.T) {
 		testCheckpoint(1),
 		{UUID: testUUID, Seq: 1<<64 - 1, LastWritebackID: 7, LastFlushedID: 7, Clean: true, Epoch: 1<<32 - 1, Time: -1},
 		{UUID: testUUID, Seq: 2},
+		// Written back (and the backing flushed) before the cache flush that made it durable there.
+		{UUID: testUUID, Seq: 3, LastWritebackID: 8, LastFlushedID: 2},
 	} {
 		b := make([]byte, BlockSize)
 		for i := range b {
@@ -76,7 +78,7 @@ func TestDecodeCheckpointErrors(t *testing.T) {
 		{"flags", func(b []byte) []byte { b[48] |= 2; reseal(b); return b }, ErrInvalid, "flags"},
 		{"reserved", func(b []byte) []byte { b[64] = 1; reseal(b); return b }, ErrInvalid, "reserved"},
 		{"seq 0", func(b []byte) []byte { le.PutUint64(b[24:], 0); reseal(b); return b }, ErrInvalid, "sequence 0"},
-		{"writeback after flushed", func(b []byte) []byte { le.PutUint64(b[32:], 36); reseal(b); return b }, ErrInvalid, "after the last flushed"},
+		{"clean, writeback after the end of the log", func(b []byte) []byte { le.PutUint64(b[32:], 36); b[48] |= 1; reseal(b); return b }, ErrInvalid, "clean shutdown"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := DecodeCheckpoint(tc.edit(bytes.Clone(good)))

@@ -87,8 +87,8 @@
 //	| 8    | 16   | cache UUID                                            |
 //	| 24   | 8    | sequence, >= 1                                        |
 //	| 32   | 8    | last_writeback_id: every segment with id <= this is written back to the backing device, and the backing device was flushed |
-//	| 40   | 8    | last_flushed_id: every segment with id <= this was durable on the cache device when this record was written; >= last_writeback_id |
-//	| 48   | 4    | flags: bit 0 = clean shutdown (the log ends exactly at last_flushed_id); other bits 0 |
+//	| 40   | 8    | last_flushed_id: every segment with id <= this was durable on the cache device when this record was written (may be below last_writeback_id, except when clean) |
+//	| 48   | 4    | flags: bit 0 = clean shutdown (the log ends exactly at last_flushed_id, and last_writeback_id <= last_flushed_id); other bits 0 |
 //	| 52   | 4    | epoch: the run (open) of the cache that wrote this record |
 //	| 56   | 8    | time written, unix nanoseconds                        |
 //	| 64   | 4028 | reserved, zero                                        |

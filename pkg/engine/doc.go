@@ -1,0 +1,52 @@
+// Package engine is writeboost's log-structured write-back cache: it turns
+// a fast cache device and a slow backing device (both blockdev.Device)
+// into one cached block device, in the design of dm-writeboost.
+//
+// Writes are copied into RAM buffers, each a segment in its exact on-disk
+// form (pkg/layout specifies the format), and acknowledged at once. A
+// full (or flushed) buffer is sealed and written by the flusher goroutine
+// to the next slot of the segment ring on the cache device, in id order.
+// An index (backing block -> cache position, about 13 bytes per cache
+// block) serves reads from RAM buffers, the cache device or the backing
+// device, merged sector by sector. The writebacker goroutine copies dirty
+// blocks of the oldest segments to the backing device in sorted batches;
+// a checkpoint record then lets their slots be reused. The ticker
+// goroutine measures backing utilisation and drives the interval
+// tunables. All three are owned by the Engine: Open starts them, Close
+// stops them.
+//
+// # Guarantees, by failure
+//
+//   - Flush returns once every write acknowledged before it was called is
+//     durable on the cache device; a WriteFUA returns once its own data is.
+//     Concurrent flushes share one segment write and one device flush.
+//   - Power loss (or a crash of the machine): every write covered by a
+//     completed Flush or WriteFUA survives. Any other sector reads back its
+//     old value or one of the values written to it since; never garbage.
+//     Recovery replays the log; segments are checksummed (CRC-32C), a torn
+//     tail is recognised and dropped, and an epoch number in every segment
+//     keeps a stale segment beyond a recovered tail from being replayed
+//     after a later crash.
+//   - The serving process is killed (SIGKILL) while the machine stays up:
+//     with RAM buffers in a shared file mapping (Options.BufferPath,
+//     OpenBufferFile, on tmpfs) no acknowledged write is lost, flushed or
+//     not: the next Open finds the buffers of the dead process (checked
+//     against the cache's UUID and the kernel's boot id) and appends them to
+//     the log before serving. With heap buffers only flushed writes survive.
+//   - Device errors surface as errors wrapping syscall.EIO. A failed write
+//     or flush of the cache device makes the engine refuse further writes
+//     (reads go on where they can); a failed writeback is retried and shown
+//     in Status and Err.
+//
+// # Discards
+//
+// Trim and WriteZeroes are ordered with the log by a discard record: the
+// range reads as zeros at once and after any crash, and a later write
+// still wins. See discard.go.
+//
+// # What is not kept across an open
+//
+// The read cache (read_cache_threshold) is rebuilt from scratch: clean
+// copies are not replayed, since a write-around write does not go through
+// the log and could otherwise be shadowed by a stale copy.
+package engine

@@ -1,0 +1,299 @@
+package engine
+
+import (
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"slices"
+
+	"k8s.io/klog/v2"
+
+	"github.com/writeboost-csi/writeboost-csi/pkg/layout"
+)
+
+// openSuperblock reads (or writes, when formatting) the superblock and
+// sets the geometry.
+func (e *Engine) openSuperblock(opts Options) error {
+	two := make([]byte, 2*blockSize)
+	if e.cache.Size() < layout.RingOffset+2*int64(layout.MinSegmentSize) {
+		return fmt.Errorf("engine: cache device of %d bytes is too small (minimum %d)", e.cache.Size(), layout.RingOffset+2*layout.MinSegmentSize)
+	}
+	if _, err := e.cache.ReadAt(two, 0); err != nil {
+		return fmt.Errorf("%w: read superblock: %v", ErrIO, err)
+	}
+	sb, err := layout.ChooseSuperblock(two[:blockSize], two[blockSize:])
+	switch {
+	case opts.Reformat, err != nil && errors.Is(err, layout.ErrBlank) && opts.Format:
+		if sb, err = e.format(opts); err != nil {
+			return err
+		}
+	case errors.Is(err, layout.ErrBlank):
+		return fmt.Errorf("%w (open it with format enabled to create a cache)", ErrBlank)
+	case errors.Is(err, layout.ErrNewerVersion):
+		return fmt.Errorf("%w: %v", ErrNewerFormat, err)
+	case errors.Is(err, layout.ErrBadMagic):
+		return fmt.Errorf("%w: %v (reformat to overwrite it)", ErrForeign, err)
+	case err != nil:
+		return fmt.Errorf("%w: superblock: %v", ErrCorrupt, err)
+	}
+	if int64(sb.CacheSize) > e.cache.Size() {
+		return fmt.Errorf("%w: the cache was made for a %d-byte cache device, this one has %d bytes", ErrCorrupt, sb.CacheSize, e.cache.Size())
+	}
+	bsize := e.backing.Size()
+	switch {
+	case bsize == int64(sb.BackingSize):
+	case bsize > int64(sb.BackingSize) && opts.AllowBackingGrowth:
+		grown := sb
+		grown.BackingSize = uint64(bsize / blockSize * blockSize)
+		grown.Seq++
+		if err := e.writeSuperblock(grown); err != nil {
+			return err
+		}
+		klog.InfoS("backing device grew", "volume", e.name, "from", sb.BackingSize, "to", grown.BackingSize)
+		sb = grown
+	default:
+		return fmt.Errorf("%w: the cache was made for a %d-byte backing device, this one has %d bytes", ErrBackingSize, sb.BackingSize, bsize)
+	}
+	e.sb = sb
+	e.geo = sb.Geometry()
+	e.uuid = sb.UUID
+	e.tag = layout.Tag(sb.UUID)
+	e.nd = e.geo.DataBlocks()
+	e.nseg = e.geo.NrSegments
+	e.size = int64(sb.BackingSize)
+	return nil
+}
+
+func (e *Engine) format(opts Options) (layout.Superblock, error) {
+	segSize := opts.SegmentSize
+	if segSize == 0 {
+		segSize = layout.DefaultSegmentSize
+	}
+	var uuid [16]byte
+	if _, err := rand.Read(uuid[:]); err != nil {
+		return layout.Superblock{}, err
+	}
+	uuid[6] = uuid[6]&0x0f | 0x40 // RFC 4122 version 4
+	uuid[8] = uuid[8]&0x3f | 0x80
+	bsize := e.backing.Size() / blockSize * blockSize
+	sb, err := layout.NewSuperblock(e.cache.Size(), bsize, segSize, uuid, e.clock.Now().UnixNano())
+	if err != nil {
+		return sb, fmt.Errorf("engine: format: %w", err)
+	}
+	// Checkpoints and superblocks of an earlier cache go first; the new
+	// superblock is written last, so a crash mid-format leaves no cache
+	// that looks valid. Old segments carry another cache's tag.
+	zero := make([]byte, 4*blockSize)
+	if _, err := e.cache.WriteAt(zero, 0); err != nil {
+		return sb, fmt.Errorf("%w: format: %v", ErrIO, err)
+	}
+	if err := e.cache.Flush(); err != nil {
+		return sb, fmt.Errorf("%w: format: %v", ErrIO, err)
+	}
+	if err := e.writeSuperblock(sb); err != nil {
+		return sb, err
+	}
+	klog.InfoS("cache formatted", "volume", e.name, "uuid", fmt.Sprintf("%x", uuid), "segments", sb.NrSegments, "segmentSize", segSize, "backingSize", bsize)
+	return sb, nil
+}
+
+// writeSuperblock writes the two copies one after the other, each made
+// durable before the next, so a torn write can only hit one of them.
+func (e *Engine) writeSuperblock(sb layout.Superblock) error {
+	buf := make([]byte, blockSize)
+	sb.Encode(buf)
+	for _, off := range []int64{layout.SuperblockOffsets[1], layout.SuperblockOffsets[0]} {
+		if _, err := e.cache.WriteAt(buf, off); err != nil {
+			return fmt.Errorf("%w: write superblock: %v", ErrIO, err)
+		}
+		if err := e.cache.Flush(); err != nil {
+			return fmt.Errorf("%w: write superblock: %v", ErrIO, err)
+		}
+	}
+	return nil
+}
+
+// recover rebuilds the in-memory state from the checkpoint and the log,
+// then from RAM buffers a killed process left behind.
+//
+// The log is walked from last_writeback_id+1 in id order and ends at the
+// first slot whose segment does not carry the expected id, this cache's
+// tag, a valid header checksum, an epoch no older than the previous
+// segment's, and (for segments not yet known durable when the checkpoint
+// was written) a valid data checksum. Segments are written in id order
+// and a flush covers every segment before it, so nothing after a torn
+// segment was covered by a completed flush. The epoch (bumped at every
+// open) rejects a stale segment that a crashed earlier run left beyond the
+// end of the log it recovered, once a newer run has written the slots
+// before it.
+//
+// Only headers are read for segments up to last_flushed_id; after a clean
+// shutdown the log ends exactly there, so an open reads (segments in use)
+// x 4 KiB, not the whole device.
+func (e *Engine) recover() error {
+	two := make([]byte, 2*blockSize)
+	if _, err := e.cache.ReadAt(two, layout.CheckpointOffsets[0]); err != nil {
+		return fmt.Errorf("%w: read checkpoint: %v", ErrIO, err)
+	}
+	ck, err := layout.ChooseCheckpoint(two[:blockSize], two[blockSize:], e.uuid)
+	if err != nil {
+		return fmt.Errorf("%w: checkpoint: %v", ErrCorrupt, err)
+	}
+	e.ckptSeq = ck.Seq
+	e.epoch = ck.Epoch + 1
+	e.mu.wbDoneID, e.mu.ckptWbID = ck.LastWritebackID, ck.LastWritebackID
+	positions := int(e.nseg) * e.nd
+	e.mu.idx = newIndex(positions)
+	e.mu.slotID = make([]uint64, e.nseg)
+	e.mu.slotCount = make([]uint16, e.nseg)
+	e.mu.supersede = make([]uint64, e.nseg)
+
+	var discards [][2]uint64
+	hdr := make([]byte, blockSize)
+	data := make([]byte, e.nd*blockSize)
+	id := ck.LastWritebackID + 1
+	prevEpoch := uint32(0)
+	for n := uint64(0); n < e.nseg; n++ {
+		if ck.Clean && id > ck.LastFlushedID {
+			break
+		}
+		off := e.geo.SegmentOffset(id)
+		if _, err := e.cache.ReadAt(hdr, off); err != nil {
+			return fmt.Errorf("%w: read segment %d: %v", ErrIO, id, err)
+		}
+		h, err := layout.DecodeSegmentHeader(hdr, e.nd)
+		if err != nil || h.ID != id || h.Tag != e.tag || h.Epoch < prevEpoch || h.Epoch > ck.Epoch {
+			break
+		}
+		if id > ck.LastFlushedID {
+			d := data[:h.Count*blockSize]
+			if _, err := e.cache.ReadAt(d, off+blockSize); err != nil {
+				return fmt.Errorf("%w: read segment %d: %v", ErrIO, id, err)
+			}
+			crc := uint32(0)
+			for i, mb := range h.Metablocks {
+				if mb.Kind.HasData() {
+					crc = layout.UpdateDataCRC(crc, d[i*blockSize:(i+1)*blockSize])
+				}
+			}
+			if crc != h.DataCRC {
+				break // torn tail
+			}
+		}
+		discards = append(discards, e.applySegmentLocked(id, h.Metablocks)...)
+		prevEpoch = h.Epoch
+		id++
+	}
+	last := id - 1
+	if ck.Clean && last < ck.LastFlushedID {
+		return fmt.Errorf("%w: the cache was shut down cleanly with segments up to %d, but only %d are readable", ErrCorrupt, ck.LastFlushedID, last)
+	}
+
+	// RAM buffers of a killed process, newer than the log on the device.
+	replayed := 0
+	for _, b := range e.buffersToReplay(last) {
+		id := last + 1
+		if err := e.writeSegment(id, b.seg, b.count); err != nil {
+			return fmt.Errorf("%w: replay RAM buffer: %v", ErrIO, err)
+		}
+		mbs := make([]layout.Metablock, b.count)
+		for i := range mbs {
+			mbs[i] = layout.GetMetablock(b.seg[:blockSize], i)
+		}
+		discards = append(discards, e.applySegmentLocked(id, mbs)...)
+		last = id
+		replayed++
+	}
+	if err := e.cache.Flush(); err != nil {
+		return fmt.Errorf("%w: flush cache device: %v", ErrIO, err)
+	}
+	// Re-apply discards still in the log: the backing device may have
+	// lost (or never got) their zeroing. Newer copies are in the cache.
+	for _, d := range discards {
+		if err := e.backing.Zero(int64(d[0])*blockSize, int64(d[1])*blockSize); err != nil {
+			return fmt.Errorf("%w: re-apply discard on the backing device: %v", ErrIO, err)
+		}
+	}
+	if len(discards) > 0 {
+		if err := e.backing.Flush(); err != nil {
+			return fmt.Errorf("%w: flush backing device: %v", ErrIO, err)
+		}
+	}
+	e.mu.nextID = last + 1
+	e.mu.sealedID, e.mu.writtenID, e.mu.flushedID, e.mu.flushReq = last, last, last, last
+	for i := range e.mu.bufs {
+		clear(e.mu.bufs[i].ctrl[:8]) // replayed: never again
+	}
+	// From here on the log may grow: record the new epoch and that this is
+	// no longer a clean shutdown before writing any segment.
+	if err := e.syncWithCheckpoint(ck.LastWritebackID, false); err != nil {
+		return fmt.Errorf("%w: %v", ErrIO, err)
+	}
+	klog.InfoS("cache recovered", "volume", e.name, "cleanShutdown", ck.Clean, "lastWritebackID", ck.LastWritebackID,
+		"lastID", last, "replayedRAMBuffers", replayed, "dirtyBlocks", e.mu.nrDirty)
+	return nil
+}
+
+type replayBuf struct {
+	id    uint64
+	count int
+	seg   []byte
+}
+
+// buffersToReplay returns the RAM buffers, left by a killed process of this
+// boot, that continue the log after last, in id order.
+func (e *Engine) buffersToReplay(last uint64) []replayBuf {
+	var found []replayBuf
+	for _, b := range e.mu.bufs {
+		id, count, ok := readCtrl(b.ctrl, e.uuid, e.boot)
+		if !ok || id <= last || count == 0 || count > e.nd {
+			continue
+		}
+		found = append(found, replayBuf{id: id, count: count, seg: b.seg})
+	}
+	slices.SortFunc(found, func(a, b replayBuf) int { return int(a.id - b.id) })
+	var out []replayBuf
+	for _, f := range found {
+		if f.id != last+1+uint64(len(out)) {
+			break // a gap: what follows was never acknowledged after it
+		}
+		if f.id > e.ckptLimit() {
+			break
+		}
+		out = append(out, f)
+	}
+	return out
+}
+
+func (e *Engine) ckptLimit() uint64 { return e.mu.wbDoneID + e.nseg }
+
+// applySegmentLocked replays one segment's metablocks into the index and
+// returns its discard ranges.
+func (e *Engine) applySegmentLocked(id uint64, mbs []layout.Metablock) [][2]uint64 {
+	slot := e.slotOf(id)
+	base := uint32(slot * uint64(e.nd))
+	var discards [][2]uint64
+	for i, mb := range mbs {
+		pos := base + uint32(i)
+		switch mb.Kind {
+		case layout.KindData:
+			e.mu.idx.meta[pos] = packMeta(mb.Block, mb.Mask, flagValid|flagDirty)
+			if old, replaced := e.mu.idx.insert(pos); replaced {
+				e.dropLocked(old, 0)
+			}
+			e.mu.nrDirty++
+		case layout.KindDiscard:
+			e.dropRangeLocked(mb.Block, mb.Block+uint64(mb.Length), 0)
+			e.mu.idx.meta[pos] = packMeta(mb.Block, 0, flagDiscard)
+			e.mu.discards[pos] = mb.Length
+			discards = append(discards, [2]uint64{mb.Block, uint64(mb.Length)})
+		default:
+			// Read-cache copies are not trusted across an open: a write
+			// that bypassed them (write-around) is not in the log.
+			e.mu.idx.meta[pos] = 0
+		}
+	}
+	e.mu.slotID[slot] = id
+	e.mu.slotCount[slot] = uint16(len(mbs))
+	return discards
+}

@@ -1,0 +1,138 @@
+package engine
+
+import (
+	"math/rand"
+	"testing"
+
+	"github.com/writeboost-csi/writeboost-csi/pkg/blockdev"
+	"github.com/writeboost-csi/writeboost-csi/pkg/layout"
+)
+
+// fillCache writes random 4 KiB blocks until about frac of the ring holds
+// dirty segments, with background writeback off, and flushes.
+func fillCache(t testing.TB, e *Engine, frac float64) {
+	t.Helper()
+	st := e.Status()
+	n := int(float64(st.NrCacheBlocks) * frac)
+	rng := rand.New(rand.NewSource(1))
+	p := make([]byte, blockSize)
+	blocks := e.Size() / blockSize
+	for i := 0; i < n; i++ {
+		rng.Read(p[:16])
+		if _, err := e.WriteAt(p, rng.Int63n(blocks)*blockSize); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.Flush(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// openCounted reopens a cache and reports how many bytes recovery read
+// from the cache device.
+func openCounted(t testing.TB, cache, backing blockdev.Device) (*Engine, int64) {
+	t.Helper()
+	c := blockdev.NewCounting(cache)
+	e, err := Open(Options{Cache: c, Backing: backing, Tunables: noWriteback()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e, c.Snapshot().ReadBytes
+}
+
+func noWriteback() Tunables {
+	t := DefaultTunables()
+	t.WritebackThreshold = 0
+	return t
+}
+
+// TestRecoveryReadsLittle: opening a cache full of dirty segments reads
+// only segment headers after a clean close, and little more after a crash
+// (checkpoints record how far the log was durable).
+func TestRecoveryReadsLittle(t *testing.T) {
+	const cacheSize = 64 << 20
+	cache, backing := blockdev.NewMem(cacheSize, nil), blockdev.NewMem(256<<20, nil)
+	e, err := Open(Options{Cache: cache, Backing: backing, Format: true, Tunables: noWriteback()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fillCache(t, e, 0.6) // below the 3/4 mark where writeback is urged even when off
+	dirty := e.Status().NrDirtyCacheBlocks
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	e, clean := openCounted(t, cache, backing)
+	if got := e.Status().NrDirtyCacheBlocks; got != dirty {
+		t.Fatalf("after clean reopen %d dirty blocks, want %d", got, dirty)
+	}
+	t.Logf("clean open read %d bytes = %.2f%% of the cache device", clean, 100*float64(clean)/cacheSize)
+	if clean > cacheSize/20 {
+		t.Fatalf("clean open read %d bytes, more than 5%% of the %d-byte cache", clean, cacheSize)
+	}
+	// Crash: drop everything not flushed, without Close.
+	fillCache(t, e, 0.02)
+	dirty = e.Status().NrDirtyCacheBlocks
+	e.mu.Lock()
+	e.mu.stop, e.mu.closed = true, true
+	e.cond.Broadcast()
+	e.mu.Unlock()
+	close(e.stopCh)
+	e.wg.Wait()
+	img := cache.CrashImage(blockdev.CrashDropAll, rand.New(rand.NewSource(1)))
+	e, crashed := openCounted(t, img, backing)
+	if got := e.Status().NrDirtyCacheBlocks; got != dirty {
+		t.Fatalf("after crash %d dirty blocks, want %d", got, dirty)
+	}
+	t.Logf("crashed open read %d bytes = %.2f%% of the cache device", crashed, 100*float64(crashed)/cacheSize)
+	if crashed > cacheSize/10 {
+		t.Fatalf("open after a crash read %d bytes, more than 10%% of the cache", crashed)
+	}
+	e.Close()
+}
+
+// TestOpenRefuses: blank, foreign, mismatched caches are refused with
+// errors naming the cause.
+func TestOpenRefuses(t *testing.T) {
+	cache, backing := blockdev.NewMem(8<<20, nil), blockdev.NewMem(8<<20, nil)
+	if _, err := Open(Options{Cache: cache, Backing: backing}); !isErr(err, ErrBlank) {
+		t.Fatalf("blank device: got %v, want ErrBlank", err)
+	}
+	foreign := make([]byte, 8192)
+	copy(foreign, "an ext4 filesystem, say")
+	cache.WriteAt(foreign, 0)
+	if _, err := Open(Options{Cache: cache, Backing: backing, Format: true}); !isErr(err, ErrForeign) {
+		t.Fatalf("foreign device: got %v, want ErrForeign", err)
+	}
+	e, err := Open(Options{Cache: cache, Backing: backing, Reformat: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.Close()
+	if _, err := Open(Options{Cache: cache, Backing: blockdev.NewMem(4<<20, nil)}); !isErr(err, ErrBackingSize) {
+		t.Fatalf("smaller backing: got %v, want ErrBackingSize", err)
+	}
+	if _, err := Open(Options{Cache: cache, Backing: blockdev.NewMem(16<<20, nil)}); !isErr(err, ErrBackingSize) {
+		t.Fatalf("larger backing without AllowBackingGrowth: got %v, want ErrBackingSize", err)
+	}
+	e, err = Open(Options{Cache: cache, Backing: blockdev.NewMem(16<<20, nil), AllowBackingGrowth: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.Size() != 16<<20 {
+		t.Fatalf("size after growth %d", e.Size())
+	}
+	e.Close()
+	// A torn superblock copy is survived; both torn is corruption.
+	b := make([]byte, blockSize)
+	b[100] = 1
+	cache.WriteAt(b, layout.SuperblockOffsets[0])
+	e, err = Open(Options{Cache: cache, Backing: blockdev.NewMem(16<<20, nil)})
+	if err != nil {
+		t.Fatalf("one torn superblock copy: %v", err)
+	}
+	e.Close()
+	cache.WriteAt(b, layout.SuperblockOffsets[1])
+	if _, err := Open(Options{Cache: cache, Backing: blockdev.NewMem(16<<20, nil)}); !isErr(err, ErrCorrupt) && !isErr(err, ErrForeign) {
+		t.Fatalf("both copies torn: got %v, want ErrCorrupt", err)
+	}
+}
