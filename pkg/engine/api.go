@@ -209,14 +209,17 @@ type DrainProgress struct {
 
 // Status is the engine's state, with dm-writeboost's field names.
 type Status struct {
-	Cursor                 uint64   `json:"cursor"`
-	NrCacheBlocks          uint64   `json:"nr_cache_blocks"`
-	NrSegments             uint64   `json:"nr_segments"`
-	CurrentID              uint64   `json:"current_id"`
-	LastFlushedID          uint64   `json:"last_flushed_id"`
-	LastWritebackID        uint64   `json:"last_writeback_id"`
-	NrDirtyCacheBlocks     uint64   `json:"nr_dirty_cache_blocks"`
-	NrPartialFlushed       uint64   `json:"nr_partial_flushed"`
+	Cursor             uint64 `json:"cursor"`
+	NrCacheBlocks      uint64 `json:"nr_cache_blocks"`
+	NrSegments         uint64 `json:"nr_segments"`
+	CurrentID          uint64 `json:"current_id"`
+	LastFlushedID      uint64 `json:"last_flushed_id"`
+	LastWritebackID    uint64 `json:"last_writeback_id"`
+	NrDirtyCacheBlocks uint64 `json:"nr_dirty_cache_blocks"`
+	NrPartialFlushed   uint64 `json:"nr_partial_flushed"`
+	// IndexBytes is the RAM the block index holds (fixed at open: one
+	// entry per cache block plus the hash table).
+	IndexBytes             uint64   `json:"index_bytes"`
 	Stat                   Counters `json:"stat"`
 	WritebackBytes         uint64   `json:"writeback_bytes"`
 	WritebackBytesPerSec   float64  `json:"writeback_bytes_per_sec"`

@@ -221,6 +221,7 @@ func crashTunables(seed int64) func(*Options) {
 		o.Tunables.ReadCacheThreshold = []int{0, 8}[seed%2]
 		o.Tunables.WritebackThreshold = []int{0, 100}[(seed/2)%2]
 		o.RAMBuffers = 1 + int(seed%2)
+		o.Tunables.WriteAroundMode = seed%5 == 4
 	}
 }
 

@@ -181,13 +181,13 @@ func Open(opts Options) (*Engine, error) {
 			}
 		}
 	}
+	klog.InfoS("cache opened", "volume", e.name, "uuid", fmt.Sprintf("%x", e.uuid), "segments", e.nseg,
+		"segmentSize", e.geo.SegmentSize, "dirtyBlocks", e.mu.nrDirty, "lastWritebackID", e.mu.wbDoneID,
+		"currentID", e.mu.nextID-1, "epoch", e.epoch)
 	e.wg.Add(3)
 	go e.flusher()
 	go e.writebacker()
 	go e.ticker()
-	klog.InfoS("cache opened", "volume", e.name, "uuid", fmt.Sprintf("%x", e.uuid), "segments", e.nseg,
-		"segmentSize", e.geo.SegmentSize, "dirtyBlocks", e.mu.nrDirty, "lastWritebackID", e.mu.wbDoneID,
-		"currentID", e.mu.nextID-1, "epoch", e.epoch)
 	return e, nil
 }
 
@@ -639,6 +639,11 @@ func (e *Engine) syncWithCheckpoint(wb uint64, clean bool) error {
 	e.ckptMu.Lock()
 	defer e.ckptMu.Unlock()
 	e.mu.Lock()
+	// Callers read wb before taking ckptMu: a concurrent checkpoint may
+	// have recorded a later one since. Never step back (restating a
+	// durable checkpoint's wb is always safe), or recovery would look for
+	// segments whose slots are reused already.
+	wb = max(wb, e.mu.ckptWbID)
 	flushed := e.mu.flushedID
 	if clean {
 		// Close has made everything durable already: the log ends here.

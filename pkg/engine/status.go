@@ -10,6 +10,7 @@ func (e *Engine) Status() Status {
 	defer e.mu.Unlock()
 	s := Status{
 		NrCacheBlocks:        uint64(e.nd) * e.nseg,
+		IndexBytes:           uint64(e.mu.idx.bytes()),
 		NrSegments:           e.nseg,
 		CurrentID:            e.mu.nextID - 1,
 		LastFlushedID:        e.mu.flushedID,
