@@ -6,7 +6,7 @@ set -euo pipefail
 
 CSI_SANITY_VERSION=v5.4.0
 HELM_VERSION=v3.19.0
-STATICCHECK_VERSION=2025.1.1
+STATICCHECK_VERSION=v0.6.1
 
 APT_PACKAGES=(
 	libnbd-bin      # nbdinfo, nbdcopy, nbdfuse: NBD clients and the FUSE attach path

@@ -64,7 +64,7 @@ var TunableSpecs = []TunableSpec{
 	{Name: "read_cache_threshold", Min: 0, Max: 127, Default: 0, Online: true, Unit: "blocks",
 		Help: "cache full-block read misses, except sequential runs longer than this many blocks; 0 disables the read cache"},
 	{Name: "write_around_mode", Min: 0, Max: 1, Default: 0, Online: false, Unit: "bool",
-		Help: "1: writes bypass the cache and go to the backing device durably; the cache serves reads only"},
+		Help: "when on, writes bypass the cache and go to the backing device durably; the cache serves reads only"},
 }
 
 // LookupTunable returns the spec of a tunable by name.
