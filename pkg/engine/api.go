@@ -219,7 +219,10 @@ type Status struct {
 	NrPartialFlushed   uint64 `json:"nr_partial_flushed"`
 	// IndexBytes is the RAM the block index holds (fixed at open: one
 	// entry per cache block plus the hash table).
-	IndexBytes             uint64   `json:"index_bytes"`
+	IndexBytes uint64 `json:"index_bytes"`
+	// PacedWrites counts writes slowed because the ring was nearly full
+	// (see the engine's pace.go).
+	PacedWrites            uint64   `json:"paced_writes"`
 	Stat                   Counters `json:"stat"`
 	WritebackBytes         uint64   `json:"writeback_bytes"`
 	WritebackBytesPerSec   float64  `json:"writeback_bytes_per_sec"`

@@ -109,11 +109,17 @@ type Engine struct {
 		nrPartialFlushed uint64
 		wbBytes          uint64
 		wbRate           float64
-		flushCount       uint64
-		flushLatency     time.Duration
-		cacheErrors      uint64
-		backingErrors    uint64
-		util             float64
+		// Pacing of foreground writes (pace.go).
+		wbBlocksPerSec float64   // writeback speed while a batch runs (EWMA)
+		paceNext       time.Time // when the next paced block may enter
+		pacedWrites    uint64
+		batchBegan     time.Time // start of the batch in progress
+		batchDone      int       // blocks it has written so far
+		flushCount     uint64
+		flushLatency   time.Duration
+		cacheErrors    uint64
+		backingErrors  uint64
+		util           float64
 	}
 	cond sync.Cond // on mu; broadcast on every state change
 
@@ -271,6 +277,7 @@ func (e *Engine) WriteAt(p []byte, off int64) (int, error) {
 	if e.tunables().WriteAroundMode {
 		return e.writeAround(p, off)
 	}
+	e.pace(len(p))
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	done := 0

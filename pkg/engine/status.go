@@ -11,6 +11,7 @@ func (e *Engine) Status() Status {
 	s := Status{
 		NrCacheBlocks:        uint64(e.nd) * e.nseg,
 		IndexBytes:           uint64(e.mu.idx.bytes()),
+		PacedWrites:          e.mu.pacedWrites,
 		NrSegments:           e.nseg,
 		CurrentID:            e.mu.nextID - 1,
 		LastFlushedID:        e.mu.flushedID,

@@ -86,6 +86,10 @@ func (e *Engine) writebackOnce(maxSegs int, checkpoint bool) (bool, error) {
 	}
 	e.mu.Unlock()
 
+	began := e.clock.Now()
+	e.mu.Lock()
+	e.mu.batchBegan, e.mu.batchDone = began, 0
+	e.mu.Unlock()
 	// Read the segments' data: one I/O per segment holding a dirty block.
 	need := 0
 	for _, n := range counts {
@@ -151,6 +155,7 @@ func (e *Engine) writebackOnce(maxSegs int, checkpoint bool) (bool, error) {
 		written += uint64(blockSize)
 	}
 	e.mu.wbDoneID = to
+	e.noteBatchLocked(len(items), e.clock.Now().Sub(began))
 	e.mu.ckptNeed = max(e.mu.ckptNeed, needID)
 	e.mu.wbBytes += written
 	e.mu.wbErr = nil
@@ -220,6 +225,9 @@ func (e *Engine) writeItems(items []wbItem) error {
 		if _, err := e.backing.WriteAt(run, int64(items[i].blk)*blockSize); err != nil {
 			return fmt.Errorf("write back blocks %d-%d: %w", items[i].blk, items[j-1].blk, err)
 		}
+		e.mu.Lock()
+		e.mu.batchDone += j - i // the pace's first estimate (pace.go)
+		e.mu.Unlock()
 		i = j
 	}
 	return nil
