@@ -7,8 +7,10 @@
 package params
 
 import (
+	"errors"
 	"fmt"
 	"math"
+	"math/big"
 	"sort"
 	"strconv"
 	"strings"
@@ -193,18 +195,56 @@ func ParseQuantity(s string) (int64, error) {
 			return 0, fmt.Errorf("%q is negative", s)
 		}
 	}
+	// Plain decimals ("1073741824", "1.5Gi") are computed exactly: a float
+	// rounds byte counts above 2^53 and refuses "1.1k" as fractional.
+	if n, ok, err := parseDecimal(num, mult); ok {
+		if err != nil {
+			return 0, fmt.Errorf("%q %w", s, err)
+		}
+		return n, nil
+	}
 	f, err := strconv.ParseFloat(num, 64)
 	if err != nil || math.IsNaN(f) || math.IsInf(f, 0) {
 		return 0, fmt.Errorf("%q is not a quantity", s)
 	}
 	b := f * mult
-	if b < 0 || b > float64(math.MaxInt64/2) {
+	// float64(math.MaxInt64/2) rounds up to 2^62, itself out of range.
+	if b < 0 || b >= float64(math.MaxInt64/2) {
 		return 0, fmt.Errorf("%q is out of range", s)
 	}
 	if b != math.Trunc(b) {
 		return 0, fmt.Errorf("%q is not a whole number of bytes", s)
 	}
 	return int64(b), nil
+}
+
+// parseDecimal reads num ([+]digits[.digits]) times mult exactly. ok is
+// false when num has another form (exponents, signs), left to ParseFloat.
+func parseDecimal(num string, mult float64) (n int64, ok bool, err error) {
+	ip, fp, _ := strings.Cut(strings.TrimPrefix(num, "+"), ".")
+	if ip == "" && fp == "" || !allDigits(ip) || !allDigits(fp) {
+		return 0, false, nil
+	}
+	x, _ := new(big.Int).SetString(ip+fp+"0", 10) // "0": ip and fp may both be short
+	x.Mul(x, big.NewInt(int64(mult)))
+	scale := new(big.Int).Exp(big.NewInt(10), big.NewInt(int64(len(fp)+1)), nil)
+	q, r := new(big.Int).QuoRem(x, scale, new(big.Int))
+	if r.Sign() != 0 {
+		return 0, true, errors.New("is not a whole number of bytes")
+	}
+	if !q.IsInt64() || q.Int64() > math.MaxInt64/2 {
+		return 0, true, errors.New("is out of range")
+	}
+	return q.Int64(), true, nil
+}
+
+func allDigits(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return true
 }
 
 // Markdown documents every key as a table row, with ranges, defaults and
