@@ -186,7 +186,7 @@ var crashModes = []blockdev.CrashMode{blockdev.CrashDropAll, blockdev.CrashKeepS
 
 // TestCrashSweep sweeps crash points over seeded workloads.
 func TestCrashSweep(t *testing.T) {
-	seeds, ops := 40, 60
+	seeds, ops := 100, 60 // about 2,200 crash points
 	if stress() {
 		seeds, ops = 1000, 120
 	}
