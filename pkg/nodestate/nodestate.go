@@ -79,6 +79,14 @@ func Open(dir string) (*Store, error) {
 	if d.Version != 1 {
 		return nil, fmt.Errorf("nodestate: %s has version %d, this plugin reads 1", s.path, d.Version)
 	}
+	// Records are found by the key and used by their id: a record whose
+	// id differs from its key (or a null record) would be looked up under
+	// one volume and act on another.
+	for id, v := range d.Volumes {
+		if v.ID != id || id == "" {
+			return nil, fmt.Errorf("nodestate: %s is corrupt: the record under %q has id %q", s.path, id, v.ID)
+		}
+	}
 	if d.Volumes != nil {
 		s.vols = d.Volumes
 	}
@@ -106,6 +114,10 @@ func (s *Store) List() []Volume {
 
 // Put stores v durably.
 func (s *Store) Put(v Volume) error {
+	if v.ID == "" {
+		// Open refuses a record without id; never write one.
+		return errors.New("nodestate: volume record without id")
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	old, had := s.vols[v.ID]
