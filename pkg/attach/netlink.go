@@ -149,6 +149,11 @@ func decodeIndex(b []byte) (int, error) {
 	if idx < 0 {
 		return 0, errors.New("nbd netlink: reply without NBD_ATTR_INDEX")
 	}
+	if idx > math.MaxInt32 {
+		// The kernel's indexes are ints; a larger one could not be
+		// addressed again (encodeIndexAttrs refuses it).
+		return 0, fmt.Errorf("nbd netlink: NBD_ATTR_INDEX %d out of range", idx)
+	}
 	return idx, nil
 }
 
@@ -186,7 +191,10 @@ func decodeStatus(b []byte) ([]deviceStatus, error) {
 					}
 					return nil
 				})
-				if d.Index >= 0 {
+				switch {
+				case d.Index > math.MaxInt32:
+					return fmt.Errorf("nbd netlink: device index %d out of range", d.Index)
+				case d.Index >= 0:
 					out = append(out, d)
 				}
 			}

@@ -24,15 +24,18 @@ type state struct {
 }
 
 // stateName maps a volume id to a file name; ids may hold characters that
-// are not file-name safe, so anything else is escaped.
+// are not file-name safe, so every other byte is escaped as %xx. Escaping
+// bytes (not runes) keeps the mapping one-to-one: two ids never share a
+// record. A leading dot is escaped too, so no record is a hidden file
+// (which findStateByDevice skips as temporary).
 func stateName(volumeID string) string {
 	var b strings.Builder
-	for _, r := range volumeID {
-		switch {
-		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '-', r == '_', r == '.':
-			b.WriteRune(r)
+	for i := 0; i < len(volumeID); i++ {
+		switch c := volumeID[i]; {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '-', c == '_', c == '.' && i > 0:
+			b.WriteByte(c)
 		default:
-			fmt.Fprintf(&b, "%%%02x", r)
+			fmt.Fprintf(&b, "%%%02x", c)
 		}
 	}
 	return b.String() + ".json"
@@ -91,6 +94,10 @@ func loadState(dir, volumeID string) (*state, error) {
 	var s state
 	if err := json.Unmarshal(b, &s); err != nil {
 		return nil, fmt.Errorf("state of volume %q: %w", volumeID, err)
+	}
+	if s.VolumeID != volumeID {
+		// Acting on it would detach or reattach another volume's device.
+		return nil, fmt.Errorf("state of volume %q: the record is for volume %q", volumeID, s.VolumeID)
 	}
 	return &s, nil
 }
