@@ -224,8 +224,20 @@ func Check(r io.ReaderAt, size int64, o Options) (*Report, error) {
 				dirty[mb.Block] = struct{}{}
 			case layout.KindDiscard:
 				s.Discards++
-				for b := mb.Block; b < mb.Block+uint64(mb.Length); b++ {
-					delete(dirty, b)
+				end := mb.Block + uint64(mb.Length) // layout refuses overflow
+				if uint64(mb.Length) <= uint64(len(dirty)) {
+					for b := mb.Block; b < end; b++ {
+						delete(dirty, b)
+					}
+				} else {
+					// A discard may span 2^32 blocks (a whole-device
+					// trim, or a damaged length): walk the dirty set
+					// instead, or the check runs for minutes.
+					for b := range dirty {
+						if b >= mb.Block && b < end {
+							delete(dirty, b)
+						}
+					}
 				}
 			}
 			if o.Metablocks {
