@@ -62,7 +62,7 @@ func groupedLogBars(res *Results, title, ylabel, suffix string, get func(w Workl
 	p.X.Tick.Label.Rotation = 0.25
 	p.X.Tick.Label.XAlign = -1
 	p.X.Tick.Label.YAlign = -0.5
-	p.Y.Min, p.Y.Max = math.Floor(lo), math.Ceil(hi)+0.8
+	p.Y.Min, p.Y.Max = math.Floor(lo), math.Ceil(hi)+1.5
 	p.Y.Tick.Marker = logTicks(int(p.Y.Min), int(p.Y.Max), suffix)
 	p.Legend.Top = true
 	p.Legend.Left = false
@@ -224,7 +224,7 @@ func ringHistChart(res *Results, path string) error {
 	p := plot.New()
 	p.Title.Text = "Write latency with the ring full vs the raw HDD model (log scale)"
 	p.X.Label.Text = "latency, ms"
-	p.Y.Label.Text = "share of writes"
+	p.Y.Label.Text = "density (each area is 1)"
 	logv := func(ms []float64) plotter.Values {
 		v := make(plotter.Values, 0, len(ms))
 		for _, x := range ms {
