@@ -222,7 +222,10 @@ type Status struct {
 	IndexBytes uint64 `json:"index_bytes"`
 	// PacedWrites counts writes slowed because the ring was nearly full
 	// (see the engine's pace.go).
-	PacedWrites            uint64   `json:"paced_writes"`
+	PacedWrites uint64 `json:"paced_writes"`
+	// WritebackFilledBlocks counts blocks written back early to fill a gap
+	// between blocks of a batch (see the engine's writeback.go).
+	WritebackFilledBlocks  uint64   `json:"writeback_filled_blocks"`
 	Stat                   Counters `json:"stat"`
 	WritebackBytes         uint64   `json:"writeback_bytes"`
 	WritebackBytesPerSec   float64  `json:"writeback_bytes_per_sec"`

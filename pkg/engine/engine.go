@@ -61,6 +61,7 @@ type Engine struct {
 	// holds it exclusively, write-arounds shared.
 	wbMu      sync.RWMutex
 	wbScratch []byte
+	noFill    bool // tests: no gap filling (writeback.go)
 
 	// ckptMu serialises checkpoint writes with the cache flush that makes
 	// each durable, so the two alternating slots are never both unsynced.
@@ -113,6 +114,7 @@ type Engine struct {
 		wbBlocksPerSec float64   // writeback speed while a batch runs (EWMA)
 		paceNext       time.Time // when the next paced block may enter
 		pacedWrites    uint64
+		wbFilled       uint64    // blocks written back to fill gaps
 		batchBegan     time.Time // start of the batch in progress
 		batchDone      int       // blocks it has written so far
 		flushCount     uint64

@@ -22,13 +22,54 @@ import (
 // checkpoint lets their ring slots be reused, so a crash at any instant
 // loses nothing: until the checkpoint is durable, recovery replays the
 // segments and writes them back again.
+//
+// Gap filling (not in dm-writeboost): between two blocks of a batch that
+// are close on the backing device, the blocks in between are written too
+// when the cache holds a full, durable copy of every one of them (dirty or
+// clean) and the gap is short or mostly dirty. On a disk, writing through
+// a gap of up to maxFillGap blocks costs no more than the seek and
+// rotation it replaces, and the dirty blocks it carries are done early:
+// when random overwrites have dirtied most of a disk, the oldest segments'
+// surviving blocks are sparse (one every few hundred blocks), and without
+// filling every batch pays one seek per block while the newer segments
+// wait their turn; with it, batches sweep the disk in long runs. A filled
+// block keeps its place in the log: it is marked clean, so its own
+// segment's batch skips it, and until the checkpoint passes that segment
+// recovery still replays it (writing the same data back again is
+// harmless). Only durable copies are used (flushedID), so that a crash
+// never leaves on the backing device a write the cache device might not
+// hold. A copy in a segment after the last written-back one cannot move
+// while the batch runs (only this goroutine, holding wbMu, lets such slots
+// be reused); a clean copy in an older segment can lose its slot to a new
+// segment, so after reading it the slot's segment id is checked, as reads
+// do (read.go), and if it changed the block is taken from the backing
+// device instead, which holds the same data (the copy was clean, and
+// nothing else writes the backing device while wbMu is held).
 
 type wbItem struct {
 	blk  uint64
 	pos  uint32
 	mask uint8
 	data []byte
+	// fill: a gap-filling copy; data is read from the cache device at
+	// segment seg when the run is written.
+	fill bool
+	seg  uint64
 }
+
+// maxFillGap is the longest gap filled: 1 MiB takes about 6 ms to write at
+// 180 MB/s, about one short seek plus the mean rotational latency of a
+// 7,200 rpm disk.
+const maxFillGap = 256
+
+// shortFillGap is filled even when its blocks are clean: writing a few
+// blocks costs far less than the rotation skipping them would.
+const shortFillGap = 8
+
+// maxFillBlocks bounds the filled blocks of one batch (128 MiB, under a
+// second of transfer), so that a batch, and the trims and write-around
+// writes that wait for it, stay short.
+const maxFillBlocks = 32 << 10
 
 // maxWritebackIO bounds one backing write.
 const maxWritebackIO = 4 << 20
@@ -137,6 +178,9 @@ func (e *Engine) writebackOnce(maxSegs int, checkpoint bool) (bool, error) {
 		}
 		return 0
 	})
+	e.mu.Lock()
+	items = e.fillGapsLocked(items, from-1)
+	e.mu.Unlock()
 	if err := e.writeItems(items); err != nil {
 		return true, e.wbFail(err)
 	}
@@ -147,6 +191,9 @@ func (e *Engine) writebackOnce(maxSegs int, checkpoint bool) (bool, error) {
 	e.mu.Lock()
 	var written uint64
 	for _, it := range items {
+		if it.fill {
+			e.mu.wbFilled++
+		}
 		m := e.mu.idx.meta[it.pos]
 		if metaFlags(m)&(flagValid|flagDirty) == flagValid|flagDirty && metaBlock(m) == it.blk {
 			e.mu.idx.meta[it.pos] = m &^ (uint64(flagDirty) << metaFlagShift)
@@ -155,7 +202,9 @@ func (e *Engine) writebackOnce(maxSegs int, checkpoint bool) (bool, error) {
 		written += uint64(blockSize)
 	}
 	e.mu.wbDoneID = to
-	e.noteBatchLocked(len(items), e.clock.Now().Sub(began))
+	// The pace is set by ring space reclaimed, the resource the
+	// foreground consumes (pace.go).
+	e.noteBatchLocked(int(to-from+1)*e.nd, e.clock.Now().Sub(began))
 	e.mu.ckptNeed = max(e.mu.ckptNeed, needID)
 	e.mu.wbBytes += written
 	e.mu.wbErr = nil
@@ -219,8 +268,34 @@ func (e *Engine) writeItems(items []wbItem) error {
 				return fmt.Errorf("read backing blocks %d-%d to complete partial blocks: %w", items[i].blk, items[j-1].blk, err)
 			}
 		}
-		for k := i; k < j; k++ {
-			copySectors(run[(k-i)*blockSize:], items[k].data, items[k].mask)
+		for k := i; k < j; {
+			if !items[k].fill {
+				copySectors(run[(k-i)*blockSize:], items[k].data, items[k].mask)
+				k++
+				continue
+			}
+			// Filled blocks: one cache read per stretch of
+			// consecutive positions of one segment.
+			l := k + 1
+			for l < j && items[l].fill && items[l].seg == items[k].seg && items[l].pos == items[l-1].pos+1 {
+				l++
+			}
+			idx := int(uint64(items[k].pos) % uint64(e.nd))
+			if _, err := e.cache.ReadAt(run[(k-i)*blockSize:(l-i)*blockSize], e.geo.DataBlockOffset(items[k].seg, idx)); err != nil {
+				return fmt.Errorf("read blocks %d-%d from segment %d of the cache device: %w", items[k].blk, items[l-1].blk, items[k].seg, err)
+			}
+			e.mu.Lock()
+			moved := e.mu.slotID[uint64(items[k].pos)/uint64(e.nd)] != items[k].seg
+			e.mu.Unlock()
+			if moved {
+				// The slot was reused while we read (see the top of
+				// this file): the copy was clean, so the backing
+				// device has the same data.
+				if _, err := e.backing.Device.ReadAt(run[(k-i)*blockSize:(l-i)*blockSize], int64(items[k].blk)*blockSize); err != nil {
+					return fmt.Errorf("read backing blocks %d-%d for a gap: %w", items[k].blk, items[l-1].blk, err)
+				}
+			}
+			k = l
 		}
 		if _, err := e.backing.WriteAt(run, int64(items[i].blk)*blockSize); err != nil {
 			return fmt.Errorf("write back blocks %d-%d: %w", items[i].blk, items[j-1].blk, err)
@@ -231,6 +306,74 @@ func (e *Engine) writeItems(items []wbItem) error {
 		i = j
 	}
 	return nil
+}
+
+// fillGapsLocked returns sorted items with the gaps between them filled
+// where that saves the backing device a seek (see the top of this file).
+// wbDone is the last written-back segment: only copies in later, durable
+// segments are used.
+func (e *Engine) fillGapsLocked(items []wbItem, wbDone uint64) []wbItem {
+	if e.noFill {
+		return items
+	}
+	budget := maxFillBlocks
+	var out []wbItem
+	var gap []wbItem
+	for i := range items {
+		if i > 0 && budget > 0 {
+			a, b := items[i-1].blk, items[i].blk
+			if n := b - a - 1; n > 0 && n <= maxFillGap && int(n) <= budget {
+				gap = gap[:0]
+				dirty := 0
+				for blk := a + 1; blk < b; blk++ {
+					it, isDirty, ok := e.fillCopyLocked(blk, wbDone)
+					if !ok {
+						gap = gap[:0]
+						break
+					}
+					if isDirty {
+						dirty++
+					}
+					gap = append(gap, it)
+				}
+				if len(gap) > 0 && (n <= shortFillGap || 2*dirty >= len(gap)) {
+					if out == nil {
+						out = make([]wbItem, 0, len(items)+len(gap))
+						out = append(out, items[:i]...)
+					}
+					out = append(out, gap...)
+					budget -= len(gap)
+				}
+			}
+		}
+		if out != nil {
+			out = append(out, items[i])
+		}
+	}
+	if out == nil {
+		return items
+	}
+	return out
+}
+
+// fillCopyLocked finds a copy of blk usable to fill a gap: the newest copy,
+// whole, in a durable segment; in a segment at or before wbDone only a
+// clean one.
+func (e *Engine) fillCopyLocked(blk, wbDone uint64) (it wbItem, dirty, ok bool) {
+	pos, found := e.mu.idx.lookup(blk)
+	if !found {
+		return wbItem{}, false, false
+	}
+	m := e.mu.idx.meta[pos]
+	if metaFlags(m)&flagValid == 0 || metaMask(m) != 0xff {
+		return wbItem{}, false, false
+	}
+	dirty = metaFlags(m)&flagDirty != 0
+	id := e.mu.slotID[uint64(pos)/uint64(e.nd)]
+	if id > e.mu.flushedID || (id <= wbDone && dirty) {
+		return wbItem{}, false, false
+	}
+	return wbItem{blk: blk, pos: pos, mask: 0xff, fill: true, seg: id}, dirty, true
 }
 
 func (e *Engine) wbFail(err error) error {
