@@ -9,8 +9,10 @@
 // An index (backing block -> cache position, about 13 bytes per cache
 // block) serves reads from RAM buffers, the cache device or the backing
 // device, merged sector by sector. The writebacker goroutine copies dirty
-// blocks of the oldest segments to the backing device in sorted batches;
-// a checkpoint record then lets their slots be reused. The ticker
+// blocks of the oldest segments to the backing device in sorted batches,
+// filling short gaps between them with newer cached copies so that a
+// mostly dirty disk is swept in long runs (writeback.go); a checkpoint
+// record then lets their slots be reused. The ticker
 // goroutine measures backing utilisation and drives the interval
 // tunables. All three are owned by the Engine: Open starts them, Close
 // stops them.

@@ -147,3 +147,76 @@ func TestGapFillingSweepsADirtyDisk(t *testing.T) {
 		t.Fatalf("gap filling only %.2fx faster, want >= 3x", ratio)
 	}
 }
+
+// TestFlushSealedSegmentsBatchTogether: an fsync-heavy workload seals a
+// segment per flush, each holding a block or two. Writeback batches are
+// bounded by entries (nr_max_batched_writeback full segments' worth), not
+// by segments, so such segments are written back many at a time, sorted,
+// instead of a few scattered blocks per batch. The test writes N blocks,
+// each followed by a flush, drains, and checks the number of batches (one
+// backing flush each), the disk time against arrival order on the
+// virtual-clock HDD model, and the data.
+func TestFlushSealedSegmentsBatchTogether(t *testing.T) {
+	const (
+		backingSize = 128 << 20
+		segSize     = 64 << 10 // 15 data blocks
+		n           = 2000
+	)
+	rng := rand.New(rand.NewSource(9))
+	blocks := rng.Perm(backingSize / blockSize)[:n]
+	raw := hddsim.New(blockdev.NewMem(backingSize, nil), hddsim.DefaultModel(), hddsim.Virtual)
+	p := make([]byte, blockSize)
+	for i, b := range blocks {
+		p[0], p[1] = byte(i), byte(i>>8)
+		if _, err := raw.WriteAt(p, int64(b)*blockSize); err != nil {
+			t.Fatal(err)
+		}
+	}
+	arrival := raw.Busy()
+
+	disk := hddsim.New(blockdev.NewMem(backingSize, nil), hddsim.DefaultModel(), hddsim.Virtual)
+	tun := noWriteback()
+	tun.NrMaxBatchedWriteback = 32
+	e, err := Open(Options{Cache: blockdev.NewMem(1<<20+(2*n+64)*segSize, nil), Backing: disk, Format: true,
+		SegmentSize: segSize, Tunables: tun})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	for i, b := range blocks {
+		p[0], p[1] = byte(i), byte(i>>8)
+		if _, err := e.WriteAt(p, int64(b)*blockSize); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.Flush(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st := e.Status(); st.CurrentID < n {
+		t.Fatalf("%d segments for %d flushed writes; the test wants one each", st.CurrentID, n)
+	}
+	if err := e.Drain(context.Background(), nil); err != nil {
+		t.Fatal(err)
+	}
+	st := disk.Stats()
+	perBatch := 32 * 15
+	want := (n + perBatch - 1) / perBatch
+	ratio := float64(arrival) / float64(disk.Busy())
+	t.Logf("%d one-block segments: %d batches (backing flushes), disk time %v vs %v in arrival order: %.1fx",
+		n, st.Flushes, disk.Busy(), arrival, ratio)
+	if int(st.Flushes) > want+1 {
+		t.Fatalf("%d backing flushes for %d one-block segments, want at most %d (batches of %d entries)", st.Flushes, n, want+1, perBatch)
+	}
+	if ratio < 3 {
+		t.Fatalf("writeback only %.2fx faster than arrival order, want >= 3x", ratio)
+	}
+	got := make([]byte, blockSize)
+	for i, b := range blocks {
+		if _, err := disk.ReadAt(got, int64(b)*blockSize); err != nil {
+			t.Fatal(err)
+		}
+		if got[0] != byte(i) || got[1] != byte(i>>8) {
+			t.Fatalf("block %d: wrong data after writeback", b)
+		}
+	}
+}

@@ -82,6 +82,9 @@ func (e *Engine) writebackOnce(maxSegs int, checkpoint bool) (bool, error) {
 	e.mu.Lock()
 	from := e.mu.wbDoneID + 1
 	to := min(e.mu.writtenID, e.mu.wbDoneID+uint64(maxSegs))
+	if from <= to {
+		to = e.extendBatchLocked(from, to, maxSegs)
+	}
 	if from > to {
 		// Nothing to write back; a full ring may still wait for the
 		// checkpoint of what was written back before.
@@ -306,6 +309,33 @@ func (e *Engine) writeItems(items []wbItem) error {
 		i = j
 	}
 	return nil
+}
+
+// extendBatchLocked lets a batch of segments [from, to] take in further
+// written segments while their entries, with the batch's, stay within
+// maxSegs full segments' worth. A flush seals the RAM buffer however few
+// blocks it holds, so an fsync-heavy workload fills the ring with segments
+// of one or two blocks; batches counted in segments would then write back
+// a few dozen scattered blocks each, one seek apiece, while the ring stays
+// full. Bounding a batch by its entries keeps its I/O and memory what
+// nr_max_batched_writeback allows for full segments, and gives the sort
+// (and gap filling) enough blocks to work with.
+func (e *Engine) extendBatchLocked(from, to uint64, maxSegs int) uint64 {
+	budget := maxSegs * e.nd
+	for id := from; id <= to; id++ {
+		budget -= int(e.mu.slotCount[e.slotOf(id)])
+	}
+	// Stay within half the ring: the checkpoint must be able to pass
+	// the batch while new segments take the other half.
+	for to < e.mu.writtenID && to-from+1 < e.nseg/2 {
+		n := int(e.mu.slotCount[e.slotOf(to+1)])
+		if n > budget {
+			break
+		}
+		budget -= n
+		to++
+	}
+	return to
 }
 
 // fillGapsLocked returns sorted items with the gaps between them filled
