@@ -45,6 +45,30 @@ type FioResult struct {
 	RuntimeSec  float64 `json:"runtime_sec"`
 	Error       string  `json:"error,omitempty"`
 	CommandLine string  `json:"command"`
+	// Engine is writeboost's state after the job, for (d) and (h): how
+	// full the log ring was and how many writes were paced, which
+	// explain the later workloads' figures.
+	Engine *EngineSnapshot `json:"engine,omitempty"`
+}
+
+// EngineSnapshot is part of `writeboost status --json`.
+type EngineSnapshot struct {
+	NrSegments            uint64 `json:"nr_segments"`
+	CurrentID             uint64 `json:"current_id"`
+	LastWritebackID       uint64 `json:"last_writeback_id"`
+	NrDirtyCacheBlocks    uint64 `json:"nr_dirty_cache_blocks"`
+	PacedWrites           uint64 `json:"paced_writes"`
+	WritebackBytes        uint64 `json:"writeback_bytes"`
+	WritebackFilledBlocks uint64 `json:"writeback_filled_blocks"`
+}
+
+// RingUsed is the fraction of the log ring holding segments not yet
+// written back.
+func (s *EngineSnapshot) RingUsed() float64 {
+	if s == nil || s.NrSegments == 0 {
+		return 0
+	}
+	return float64(s.CurrentID-s.LastWritebackID) / float64(s.NrSegments)
 }
 
 // IOPS is read+write operations per second.

@@ -2,7 +2,7 @@
 // docs/benchmarks.md, its charts and docs/benchmarks/results.json (issue 8,
 // `make bench`).
 //
-// One client, fio's nbd engine, drives seven NBD servers in one run on the
+// One client, fio's nbd engine, drives eight NBD servers in one run on the
 // same machine, so that the page can report ratios: absolute figures on a
 // shared machine drift from run to run, ratios measured minutes apart much
 // less. The engine-level figures (sorted writeback, opening a full cache,
@@ -87,7 +87,7 @@ func main() {
 	wbCache := flag.Int64("cache-size", 4<<30, "cache image of system (d), bytes")
 	openCache := flag.Int64("open-cache-size", 4<<30, "cache size for the open-a-full-cache figure, bytes")
 	ringMeasure := flag.Duration("ring-measure", 15*time.Second, "measured time with the ring full")
-	only := flag.String("systems", "abcdefg", "systems to run (letters)")
+	only := flag.String("systems", "abcdefgh", "systems to run (letters)")
 	skipFio := flag.Bool("skip-fio", false, "only the engine-level figures")
 	skipEngine := flag.Bool("skip-engine", false, "only the fio figures")
 	probe := flag.Bool("probe-writeback", false, "only print how background writeback progresses on an idle engine (diagnostic)")
@@ -228,13 +228,33 @@ func runSystem(ctx context.Context, res *Results, env *benchEnv, s System, dir s
 		if res.Fio[w.ID] == nil {
 			res.Fio[w.ID] = map[string]FioResult{}
 		}
+		if s.control != "" {
+			snap, err := engineSnapshot(ctx, env.writeboostBin, filepath.Join(sdir, s.control))
+			if err != nil {
+				klog.ErrorS(err, "writeboost status", "system", s.ID)
+			}
+			r.Engine = snap
+		}
 		res.Fio[w.ID][s.ID] = r
-		klog.InfoS("fio", "system", s.ID, "workload", w.ID, "iops", int(r.IOPS()), "MBps", int(r.BW()/1e6), "p99ms", r.P99Ms(), "error", r.Error)
+		klog.InfoS("fio", "system", s.ID, "workload", w.ID, "iops", int(r.IOPS()), "MBps", int(r.BW()/1e6), "p99ms", r.P99Ms(), "ringUsed", r.Engine.RingUsed(), "error", r.Error)
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
 	}
 	return nil
+}
+
+// engineSnapshot asks a running `writeboost serve` for its status.
+func engineSnapshot(ctx context.Context, bin, control string) (*EngineSnapshot, error) {
+	out, err := exec.CommandContext(ctx, bin, "status", "--control", control, "--json").Output()
+	if err != nil {
+		return nil, fmt.Errorf("writeboost status --control %s: %w", control, err)
+	}
+	var s EngineSnapshot
+	if err := json.Unmarshal(out, &s); err != nil {
+		return nil, fmt.Errorf("decode status: %w", err)
+	}
+	return &s, nil
 }
 
 func runEngineFigures(ctx context.Context, res *Results, o runOpts) {

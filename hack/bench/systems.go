@@ -23,9 +23,12 @@ import (
 
 // System is one NBD server configuration under test.
 type System struct {
-	ID    string // "a".."g"
+	ID    string // "a".."h"
 	Name  string
 	About string
+	// control is the control socket of a writeboost system, relative to
+	// its directory ("" for the others).
+	control string
 	// start brings the system up under dir and returns its NBD URI and a
 	// stop function.
 	start func(ctx context.Context, env *benchEnv, dir string) (uri string, stop func(), err error)
@@ -44,10 +47,11 @@ var systems = []System{
 	{ID: "a", Name: "nbdkit memory", About: "nbdkit's memory plugin: the transport ceiling", start: startNbdkitMemory},
 	{ID: "b", Name: "writeboost NBD, RAM", About: "writeboost's NBD server (pkg/nbd) over a RAM backend", start: startOurRAM},
 	{ID: "c", Name: "simulated HDD, raw", About: "the simulated HDD (real-sleep clock) served raw by pkg/nbd: no cache", start: startRawHDD},
-	{ID: "d", Name: "writeboost", About: "`writeboost serve --simulate-hdd`: cache image on local disk, simulated HDD backing", start: startWriteboost},
+	{ID: "d", Name: "writeboost", About: "`writeboost serve --simulate-hdd --direct`: cache image on local disk opened with O_DIRECT, as the CSI plugin opens its cache, simulated HDD backing", start: startWriteboost(true), control: "d/control.sock"},
 	{ID: "e", Name: "nbdkit cache filter", About: "nbdkit `--filter=cache cache=writeback` over the `nbd` plugin connected to a simulated HDD like (c)", start: startNbdkitCache},
 	{ID: "f", Name: "nbdkit file", About: "nbdkit's file plugin on an image on the local disk: the raw cache device", start: startNbdkitFile},
 	{ID: "g", Name: "go-nbd v0.3.2, RAM", About: "go-nbd v0.3.2's (serial) server over its RAM backend", start: startGoNBD},
+	{ID: "h", Name: "writeboost, page cache", About: "(d) with the cache image in the page cache (`serve` without `--direct`, its default)", start: startWriteboost(false), control: "h/control.sock"},
 }
 
 // waitSocket waits until something accepts connections on sock.
@@ -206,18 +210,35 @@ func startNbdkitCache(ctx context.Context, env *benchEnv, dir string) (string, f
 	return unixURI(sock), func() { stop(); stopHDD(); disk.Close() }, nil
 }
 
-func startWriteboost(ctx context.Context, env *benchEnv, dir string) (string, func(), error) {
-	d := filepath.Join(dir, "d")
+// startWriteboost runs `writeboost serve --simulate-hdd`, with the cache
+// image opened with O_DIRECT when direct (the CSI plugin always opens its
+// devices so: a node's page cache should not hold a second copy of every
+// cached block, charged to the plugin pod's memory).
+func startWriteboost(direct bool) func(ctx context.Context, env *benchEnv, dir string) (string, func(), error) {
+	return func(ctx context.Context, env *benchEnv, dir string) (string, func(), error) {
+		name := "d"
+		var extra []string
+		if direct {
+			extra = append(extra, "--direct")
+		} else {
+			name = "h"
+		}
+		return runWriteboost(ctx, env, filepath.Join(dir, name), extra)
+	}
+}
+
+func runWriteboost(ctx context.Context, env *benchEnv, d string, extra []string) (string, func(), error) {
 	if err := os.MkdirAll(d, 0o700); err != nil {
 		return "", nil, fmt.Errorf("mkdir: %w", err)
 	}
 	sock := filepath.Join(d, "nbd.sock")
 	buf := fmt.Sprintf("/dev/shm/writeboost-bench-%d.buf", os.Getpid())
-	stop, err := startProc(ctx, dir, sock, nil, env.writeboostBin, "serve",
+	args := append([]string{"serve",
 		"--data-dir", d,
 		"--backing", filepath.Join(d, "backing.img"), "--backing-size", strconv.FormatInt(env.exportSize, 10),
 		"--cache", filepath.Join(d, "cache.img"), "--cache-size", strconv.FormatInt(env.cacheSize, 10),
-		"--socket", sock, "--buffer-file", buf, "--simulate-hdd")
+		"--socket", sock, "--buffer-file", buf, "--simulate-hdd"}, extra...)
+	stop, err := startProc(ctx, d, sock, nil, env.writeboostBin, args...)
 	if err != nil {
 		os.Remove(buf)
 		return "", nil, err
