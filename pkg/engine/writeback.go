@@ -271,34 +271,22 @@ func (e *Engine) writeItems(items []wbItem) error {
 				return fmt.Errorf("read backing blocks %d-%d to complete partial blocks: %w", items[i].blk, items[j-1].blk, err)
 			}
 		}
+		var stretches [][2]int // filled blocks: [k, l) of one segment, consecutive positions
 		for k := i; k < j; {
 			if !items[k].fill {
 				copySectors(run[(k-i)*blockSize:], items[k].data, items[k].mask)
 				k++
 				continue
 			}
-			// Filled blocks: one cache read per stretch of
-			// consecutive positions of one segment.
 			l := k + 1
 			for l < j && items[l].fill && items[l].seg == items[k].seg && items[l].pos == items[l-1].pos+1 {
 				l++
 			}
-			idx := int(uint64(items[k].pos) % uint64(e.nd))
-			if _, err := e.cache.ReadAt(run[(k-i)*blockSize:(l-i)*blockSize], e.geo.DataBlockOffset(items[k].seg, idx)); err != nil {
-				return fmt.Errorf("read blocks %d-%d from segment %d of the cache device: %w", items[k].blk, items[l-1].blk, items[k].seg, err)
-			}
-			e.mu.Lock()
-			moved := e.mu.slotID[uint64(items[k].pos)/uint64(e.nd)] != items[k].seg
-			e.mu.Unlock()
-			if moved {
-				// The slot was reused while we read (see the top of
-				// this file): the copy was clean, so the backing
-				// device has the same data.
-				if _, err := e.backing.Device.ReadAt(run[(k-i)*blockSize:(l-i)*blockSize], int64(items[k].blk)*blockSize); err != nil {
-					return fmt.Errorf("read backing blocks %d-%d for a gap: %w", items[k].blk, items[l-1].blk, err)
-				}
-			}
+			stretches = append(stretches, [2]int{k, l})
 			k = l
+		}
+		if err := e.readFills(items, stretches, run, i); err != nil {
+			return err
 		}
 		if _, err := e.backing.WriteAt(run, int64(items[i].blk)*blockSize); err != nil {
 			return fmt.Errorf("write back blocks %d-%d: %w", items[i].blk, items[j-1].blk, err)
@@ -307,6 +295,62 @@ func (e *Engine) writeItems(items []wbItem) error {
 		e.mu.batchDone += j - i // the pace's first estimate (pace.go)
 		e.mu.Unlock()
 		i = j
+	}
+	return nil
+}
+
+// fillReaders bounds the cache reads of filled blocks in flight: they are
+// scattered over newer segments, and a cache device (an NVMe drive) serves
+// them in parallel far faster than one after another.
+const fillReaders = 8
+
+// readFills reads the filled blocks of one run, items[s[0]:s[1]] for each
+// stretch s, into run (which starts at items[first]), several at a time.
+// A stretch whose slot was reused meanwhile is read from the backing
+// device instead (see the top of this file).
+func (e *Engine) readFills(items []wbItem, stretches [][2]int, run []byte, first int) error {
+	if len(stretches) == 0 {
+		return nil
+	}
+	errs := make([]error, len(stretches))
+	next := make(chan int)
+	var wg sync.WaitGroup
+	for w := 0; w < min(fillReaders, len(stretches)); w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for n := range next {
+				k, l := stretches[n][0], stretches[n][1]
+				idx := int(uint64(items[k].pos) % uint64(e.nd))
+				if _, err := e.cache.ReadAt(run[(k-first)*blockSize:(l-first)*blockSize], e.geo.DataBlockOffset(items[k].seg, idx)); err != nil {
+					errs[n] = fmt.Errorf("read blocks %d-%d from segment %d of the cache device: %w", items[k].blk, items[l-1].blk, items[k].seg, err)
+				}
+			}
+		}()
+	}
+	for n := range stretches {
+		next <- n
+	}
+	close(next)
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	var moved [][2]int
+	e.mu.Lock()
+	for _, st := range stretches {
+		if e.mu.slotID[uint64(items[st[0]].pos)/uint64(e.nd)] != items[st[0]].seg {
+			moved = append(moved, st)
+		}
+	}
+	e.mu.Unlock()
+	for _, st := range moved {
+		// The slot was reused while we read: the copy was clean, so the
+		// backing device has the same data.
+		k, l := st[0], st[1]
+		if _, err := e.backing.Device.ReadAt(run[(k-first)*blockSize:(l-first)*blockSize], int64(items[k].blk)*blockSize); err != nil {
+			return fmt.Errorf("read backing blocks %d-%d for a gap: %w", items[k].blk, items[l-1].blk, err)
+		}
 	}
 	return nil
 }

@@ -14,9 +14,9 @@ import (
 	"k8s.io/klog/v2"
 )
 
-// Reads and plain (non-FUA) writes up to inlineMaxLen run on the reader
-// goroutine while the backend's average latency for that kind of request
-// stays under inlineMaxCost (unless Config.NoInline).
+// Reads and plain (non-FUA) writes up to inlineMaxLen, and flushes, run on
+// the reader goroutine while the backend's average latency for that kind
+// of request stays under inlineMaxCost (unless Config.NoInline).
 const (
 	inlineMaxLen  = 128 << 10
 	inlineMaxCost = 20 * time.Microsecond
@@ -56,6 +56,7 @@ type conn struct {
 	readerBusy  atomic.Bool  // the reader has buffered requests to dispatch
 	writeCost   atomic.Int64 // moving average of WriteAt latency, ns
 	readCost    atomic.Int64 // moving average of ReadAt latency, ns
+	flushCost   atomic.Int64 // moving average of Flush latency, ns
 	unread      int          // payload bytes in br still to be consumed (reader only)
 	wmu         sync.Mutex   // serialises replies on bw
 	werr        error        // first write error, under wmu
@@ -77,6 +78,7 @@ func newConn(s *Server, nc net.Conn) *conn {
 	// Assume a slow backend until writes have shown otherwise.
 	c.writeCost.Store(int64(inlineMaxCost))
 	c.readCost.Store(int64(inlineMaxCost))
+	c.flushCost.Store(int64(inlineMaxCost))
 	return c
 }
 
@@ -177,7 +179,11 @@ func (c *conn) readLoop() error {
 
 		inline := !c.srv.cfg.NoInline && req.length <= inlineMaxLen && ((req.typ == cmdWrite && req.flags&cmdFlagFUA == 0 &&
 			time.Duration(c.writeCost.Load()) < inlineMaxCost) ||
-			(req.typ == cmdRead && time.Duration(c.readCost.Load()) < inlineMaxCost))
+			(req.typ == cmdRead && time.Duration(c.readCost.Load()) < inlineMaxCost) ||
+			// A flush that returns at once (a RAM disk, nothing
+			// dirty) costs less here than a goroutine's wake-up, which
+			// fsync-per-write clients pay on every write.
+			(req.typ == cmdFlush && time.Duration(c.flushCost.Load()) < inlineMaxCost))
 		if inline && req.typ == cmdWrite && c.br.Buffered() >= int(req.length) && c.check(req) == 0 {
 			// The payload is already in the read buffer: hand the
 			// backend a view of it (WriteAt must not keep p), saving
@@ -312,7 +318,12 @@ func (c *conn) do(req request, payload []byte, buf *[]byte, weight int64, onRead
 		// Every write replied to before this FLUSH was read had returned
 		// from the backend, so a backend Flush now covers all of them.
 		if exp.flusher != nil {
+			start := time.Now()
 			err = exp.flusher.Flush()
+			cost := c.flushCost.Load()
+			c.flushCost.Store(cost + (int64(time.Since(start))-cost)/8)
+		} else {
+			c.flushCost.Store(0)
 		}
 	case cmdTrim:
 		err = exp.trimmer.Trim(off, n)
