@@ -60,6 +60,18 @@ type EngineSnapshot struct {
 	PacedWrites           uint64 `json:"paced_writes"`
 	WritebackBytes        uint64 `json:"writeback_bytes"`
 	WritebackFilledBlocks uint64 `json:"writeback_filled_blocks"`
+	Stat                  struct {
+		ReadHitBufferFull  uint64 `json:"read_hit_buffer_full"`
+		ReadHitCacheFull   uint64 `json:"read_hit_cache_full"`
+		ReadMissBufferFull uint64 `json:"read_miss_buffer_full"`
+		ReadMissCacheFull  uint64 `json:"read_miss_cache_full"`
+	} `json:"stat"`
+}
+
+// fullReads returns the whole-block reads served from the cache (RAM
+// buffers or cache device) and from the backing device so far.
+func (s *EngineSnapshot) fullReads() (hits, misses uint64) {
+	return s.Stat.ReadHitBufferFull + s.Stat.ReadHitCacheFull, s.Stat.ReadMissBufferFull + s.Stat.ReadMissCacheFull
 }
 
 // RingUsed is the fraction of the log ring holding segments not yet
