@@ -215,6 +215,13 @@ func runServe(cmd *cobra.Command, cfg *serveConfig) error {
 		return err
 	}
 
+	// Catch signals before announcing the URI: whoever reads the URI may
+	// signal at once, and an uncaught SIGTERM would kill the process
+	// without the clean checkpoint.
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+
 	printUsage(cmd.OutOrStdout(), cfg, eng.Size(), st)
 
 	var detach func() error
@@ -231,9 +238,6 @@ func runServe(cmd *cobra.Command, cfg *serveConfig) error {
 		fmt.Fprintf(cmd.OutOrStdout(), "\nAttached as %s (detached again when serve exits).\n", dev)
 	}
 
-	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
-	defer signal.Stop(sigs)
 	var serveErr error
 	select {
 	case sig := <-sigs:
