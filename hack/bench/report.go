@@ -231,9 +231,8 @@ func evaluateGoals(res *Results) []Goal {
 // share of the ring not yet written back (writes are paced above 75 %),
 // the writes paced so far, and the writeback done.
 func writeEngineStates(p func(string, ...any), res *Results) {
-	defer p("A flush seals the RAM buffer as a segment however few blocks it holds, and each segment takes a whole 512 KiB ring slot (dm-writeboost has the same cost): " +
-		"the fsync job's one-block segments take most of the ring and push out the clean copies of earlier writes, so the mix that follows reads mostly from the simulated HDD (last column). " +
-		"Packing part-full segments needs a change of the on-disk format; it is a known limit.\n\n")
+	defer p("A flush writes the open segment's new blocks and a header copy in place and the segment keeps filling, so the fsync job fills whole segments " +
+		"(dm-writeboost closes a segment at every flush, which spends a 512 KiB ring slot per fsync and pushes the clean copies of earlier writes out of the ring).\n\n")
 	for _, id := range []string{"d", "h"} {
 		seen := false
 		for _, w := range workloads {

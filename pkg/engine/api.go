@@ -56,7 +56,7 @@ var TunableSpecs = []TunableSpec{
 	{Name: "writeback_threshold", Min: 0, Max: 100, Default: 70, Online: true, Unit: "%",
 		Help: "background writeback runs only while backing utilisation is below this; 0 disables background writeback (writeback then runs only when the log is three-quarters full, or on drain)"},
 	{Name: "nr_max_batched_writeback", Min: 1, Max: 32, Default: 32, Online: true, Unit: "segments",
-		Help: "segments written back per batch (segments sealed part-full by flushes count by their blocks); larger batches sort more blocks into fewer HDD seeks"},
+		Help: "segments written back per batch (part-full segments count by their blocks); larger batches sort more blocks into fewer HDD seeks"},
 	{Name: "update_sb_record_interval", Min: 0, Max: 3600, Default: 60, Online: true, Unit: "s",
 		Help: "seconds between checkpoint records of the written-back position; 0 writes them only when the log needs the space"},
 	{Name: "sync_data_interval", Min: 0, Max: 3600, Default: 0, Online: true, Unit: "s",

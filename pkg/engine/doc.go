@@ -4,8 +4,12 @@
 //
 // Writes are copied into RAM buffers, each a segment in its exact on-disk
 // form (pkg/layout specifies the format), and acknowledged at once. A
-// full (or flushed) buffer is sealed and written by the flusher goroutine
-// to the next slot of the segment ring on the cache device, in id order.
+// full buffer is sealed and written by the flusher goroutine to the next
+// slot of the segment ring on the cache device, in id order. A flush
+// writes the open buffer's new blocks and a header copy into its slot and
+// leaves it open, so fsync-heavy loads fill segments instead of spending
+// one per flush; the ticker seals a buffer that has gone quiet, so that
+// writeback reaches it.
 // An index (backing block -> cache position, about 13 bytes per cache
 // block) serves reads from RAM buffers, the cache device or the backing
 // device, merged sector by sector. The writebacker goroutine copies dirty

@@ -22,12 +22,25 @@ const (
 )
 
 // buffer is one RAM buffer: a segment being filled or waiting to be written.
+//
+// A flush writes the open buffer's entries so far to its slot without
+// sealing it (layout: "A segment may be written more than once"), so a
+// database's fsync after every small write costs a block and a header, not
+// a whole segment. Entries below frozen are on the device: their data
+// blocks and metablocks never change again, since a header copy's data
+// checksum covers them; an overwrite of such a block takes a new entry.
 type buffer struct {
 	ctrl   []byte // control block in buffer memory
-	seg    []byte // the segment in on-disk form: header block, data blocks
+	seg    []byte // the segment in on-disk form: header copy 0, data blocks, room for copy 1
 	id     uint64 // segment id held; 0 = none
 	count  int    // entries used
 	sealed bool
+
+	frozen    int    // entries written to the cache device (immutable from here on)
+	frozenCRC uint32 // data checksum of entries [0, frozen)
+	durable   int    // entries a completed cache flush covered
+	want      int    // entries a Flush waits for (partial writes)
+	copyNext  int    // header copy the next write of this segment goes to
 }
 
 func (b *buffer) block(i int) []byte {
@@ -342,8 +355,10 @@ func (e *Engine) writeBlockLocked(blk uint64, first int, data []byte) error {
 		if ok {
 			m = e.mu.idx.meta[pos]
 		}
-		// Overwrite in place when the block is already in the open buffer.
-		if ok && e.mu.cur != nil && e.mu.slotID[uint64(pos)/uint64(e.nd)] == e.mu.cur.id {
+		// Overwrite in place when the block is already in the open buffer
+		// and not yet on the device.
+		if ok && e.mu.cur != nil && e.mu.slotID[uint64(pos)/uint64(e.nd)] == e.mu.cur.id &&
+			int(uint64(pos)%uint64(e.nd)) >= e.mu.cur.frozen {
 			i := int(uint64(pos) % uint64(e.nd))
 			b := e.mu.cur.block(i)
 			copy(b[first*sectorSize:], data)
@@ -521,6 +536,7 @@ func (e *Engine) openBufferLocked(id uint64) {
 	setCtrl(b.ctrl, e.uuid, e.boot, id)
 	clear(b.seg[:blockSize])
 	b.id, b.count, b.sealed = id, 0, false
+	b.frozen, b.frozenCRC, b.durable, b.want, b.copyNext = 0, 0, 0, 0, 0
 	e.mu.cur = b
 	e.mu.nextID = id + 1
 }
@@ -548,18 +564,27 @@ func (e *Engine) Flush() error {
 	if err := e.usableLocked(); err != nil {
 		return err
 	}
+	// A part-full open buffer is written where it is and stays open
+	// (partial write); a full one is sealed.
+	var pid uint64
+	var pcount int
 	if cur := e.mu.cur; cur != nil && cur.count > 0 {
 		if cur.count < e.nd {
-			e.mu.nrPartialFlushed++
+			if cur.durable < cur.count {
+				e.mu.nrPartialFlushed++
+			}
+			pid, pcount = cur.id, cur.count
+			cur.want = max(cur.want, cur.count)
+		} else {
+			e.sealLocked()
 		}
-		e.sealLocked()
 	}
 	target := e.mu.sealedID
 	if e.mu.flushReq < target {
 		e.mu.flushReq = target
-		e.cond.Broadcast()
 	}
-	for e.mu.flushedID < target {
+	e.cond.Broadcast()
+	for e.mu.flushedID < target || !e.partialDurableLocked(pid, pcount) {
 		if e.mu.err != nil {
 			return e.mu.err
 		}
@@ -570,17 +595,44 @@ func (e *Engine) Flush() error {
 	return nil
 }
 
-// flusher writes sealed buffers to the cache device in id order and makes
-// them durable when a Flush asks.
+// partialDurableLocked reports whether the first n entries of segment id,
+// open when a Flush asked for them, are durable. If the segment has been
+// sealed since, that Flush now waits for the sealed segment instead.
+func (e *Engine) partialDurableLocked(id uint64, n int) bool {
+	if id == 0 || e.mu.flushedID >= id {
+		return true
+	}
+	b := e.bufFor(id)
+	if b.id == id && !b.sealed {
+		return b.durable >= n
+	}
+	if e.mu.flushReq < id {
+		e.mu.flushReq = id
+		e.cond.Broadcast()
+	}
+	return false
+}
+
+// partialWantedLocked reports whether a Flush waits for entries of the
+// open buffer that are not on the device yet.
+func (e *Engine) partialWantedLocked() bool {
+	cur := e.mu.cur
+	return cur != nil && cur.want > cur.frozen
+}
+
+// flusher writes sealed buffers to the cache device in id order, writes
+// the open buffer's new entries when a Flush waits for them, and makes
+// both durable when a Flush asks.
 func (e *Engine) flusher() {
 	defer e.wg.Done()
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	hdr := make([]byte, blockSize) // header of a partial write: writers keep adding metablocks to the buffer's
 	for {
-		for e.mu.writtenID == e.mu.sealedID && e.mu.flushReq <= e.mu.flushedID && e.mu.err == nil && !e.mu.stop {
+		for e.mu.writtenID == e.mu.sealedID && e.mu.flushReq <= e.mu.flushedID && !e.partialWantedLocked() && e.mu.err == nil && !e.mu.stop {
 			e.cond.Wait()
 		}
-		if e.mu.err != nil || (e.mu.stop && e.mu.writtenID == e.mu.sealedID && e.mu.flushReq <= e.mu.flushedID) {
+		if e.mu.err != nil || (e.mu.stop && e.mu.writtenID == e.mu.sealedID && e.mu.flushReq <= e.mu.flushedID && !e.partialWantedLocked()) {
 			return
 		}
 		from, to := e.mu.writtenID+1, e.mu.sealedID
@@ -591,7 +643,8 @@ func (e *Engine) flusher() {
 		e.mu.Unlock()
 		var err error
 		for _, b := range bufs {
-			if err = e.writeSegment(b.id, b.seg, b.count); err != nil {
+			// Sealed: nothing changes the buffer any more.
+			if _, err = e.writeSegment(b.id, b.seg[:blockSize], b.seg, b.frozen, b.count, b.copyNext, b.frozenCRC); err != nil {
 				break
 			}
 		}
@@ -602,7 +655,20 @@ func (e *Engine) flusher() {
 		}
 		e.mu.writtenID = to
 		e.cond.Broadcast()
-		if e.mu.flushReq <= e.mu.flushedID {
+
+		// The open buffer follows the sealed ones in the log, so its
+		// partial write goes after them, and is made durable (below)
+		// before the buffer is written again: a header copy is rewritten
+		// only when the other one is durable.
+		var p *buffer
+		var pFrom, pCount, pCopy int
+		var pCRC uint32
+		if cur := e.mu.cur; e.partialWantedLocked() && cur.id == to+1 {
+			p, pFrom, pCount, pCopy, pCRC = cur, cur.frozen, cur.count, cur.copyNext, cur.frozenCRC
+			cur.frozen = pCount // from now on writers leave these entries alone
+			copy(hdr, cur.seg[:blockSize])
+		}
+		if e.mu.flushReq <= e.mu.flushedID && p == nil {
 			continue
 		}
 		wb := e.mu.wbDoneID
@@ -613,31 +679,54 @@ func (e *Engine) flusher() {
 			wb = e.mu.ckptWbID
 		}
 		e.mu.Unlock()
-		err = e.syncWithCheckpoint(wb, false)
+		if p != nil {
+			pCRC, err = e.writeSegment(p.id, hdr, p.seg, pFrom, pCount, pCopy, pCRC)
+		}
+		if err == nil {
+			err = e.syncWithCheckpoint(wb, false)
+		}
 		e.mu.Lock()
 		if err != nil {
 			e.failLocked(err)
 			continue
 		}
 		e.mu.flushedID = to
+		if p != nil {
+			p.frozenCRC, p.copyNext, p.durable = pCRC, 1-pCopy, pCount
+		}
 		e.cond.Broadcast()
 	}
 }
 
-// writeSegment seals a segment image's header and writes its used part.
-func (e *Engine) writeSegment(id uint64, seg []byte, count int) error {
-	crc := uint32(0)
-	hdr := seg[:blockSize]
-	for i := 0; i < count; i++ {
+// writeSegment writes entries [from, count) of segment id from its image
+// seg, then hdr, sealed to describe all count entries, into header copy c.
+// Entries before from are on the device already, unchanged, and crc is
+// their data checksum. hdr holds the segment's metablocks: seg's own
+// header block, or a copy of it while writers still add entries. It
+// returns the data checksum of all count entries.
+func (e *Engine) writeSegment(id uint64, hdr, seg []byte, from, count, c int, crc uint32) (uint32, error) {
+	for i := from; i < count; i++ {
 		if layout.GetMetablock(hdr, i).Kind.HasData() {
 			crc = layout.UpdateDataCRC(crc, seg[(1+i)*blockSize:(2+i)*blockSize])
 		}
 	}
 	layout.SealSegmentHeader(hdr, id, e.tag, e.epoch, count, crc)
-	if _, err := e.cache.WriteAt(seg[:(1+count)*blockSize], e.geo.SegmentOffset(id)); err != nil {
-		return fmt.Errorf("write segment %d: %w", id, err)
+	if c == 0 && from == 0 && &hdr[0] == &seg[0] {
+		// The common case, a segment written once: one write.
+		if _, err := e.cache.WriteAt(seg[:(1+count)*blockSize], e.geo.SegmentOffset(id)); err != nil {
+			return 0, fmt.Errorf("write segment %d: %w", id, err)
+		}
+		return crc, nil
 	}
-	return nil
+	if from < count {
+		if _, err := e.cache.WriteAt(seg[(1+from)*blockSize:(1+count)*blockSize], e.geo.DataBlockOffset(id, from)); err != nil {
+			return 0, fmt.Errorf("write segment %d: %w", id, err)
+		}
+	}
+	if _, err := e.cache.WriteAt(hdr[:blockSize], e.geo.HeaderOffset(id, c)); err != nil {
+		return 0, fmt.Errorf("write segment %d header copy %d: %w", id, c, err)
+	}
+	return crc, nil
 }
 
 // syncWithCheckpoint writes a checkpoint record and flushes the cache

@@ -15,7 +15,7 @@ import (
 // Small geometries make the ring wrap, writeback run and slots get reused
 // within a few operations.
 const (
-	testSegSize  = 32 << 10 // 7 data blocks a segment
+	testSegSize  = 32 << 10 // 6 data blocks a segment
 	testSegments = 8
 )
 

@@ -117,19 +117,23 @@ func (e *Engine) writeSuperblock(sb layout.Superblock) error {
 // then from RAM buffers a killed process left behind.
 //
 // The log is walked from last_writeback_id+1 in id order and ends at the
-// first slot whose segment does not carry the expected id, this cache's
-// tag, a valid header checksum, an epoch no older than the previous
-// segment's, and (for segments not yet known durable when the checkpoint
-// was written) a valid data checksum. Segments are written in id order
-// and a flush covers every segment before it, so nothing after a torn
-// segment was covered by a completed flush. The epoch (bumped at every
-// open) rejects a stale segment that a crashed earlier run left beyond the
-// end of the log it recovered, once a newer run has written the slots
-// before it.
+// first slot where neither header copy carries the expected id, this
+// cache's tag, a valid header checksum, an epoch no older than the
+// previous segment's nor newer than the checkpoint's, and, for segments
+// beyond last_flushed_id (not known durable when the checkpoint was
+// written), exactly the checkpoint's epoch and a valid data checksum. Of
+// two such copies the newer run's, then the longer, wins; if its data
+// checksum fails, the other (layout: a copy is rewritten only once the
+// other is durable). Segments are written in id order and a flush covers
+// every segment before it, so nothing after a torn segment was covered by
+// a completed flush. The epoch (bumped and recorded at every open before
+// any segment is written) rejects a stale segment or copy that a crashed
+// earlier run left beyond the end of the log it recovered.
 //
-// Only headers are read for segments up to last_flushed_id; after a clean
-// shutdown the log ends exactly there, so an open reads (segments in use)
-// x 4 KiB, not the whole device.
+// Only headers are read for segments up to last_flushed_id (copy 1 only
+// when copy 0 is not a full segment); after a clean shutdown the log ends
+// exactly there, so an open reads about (segments in use) x 4 KiB, not the
+// whole device.
 func (e *Engine) recover() error {
 	two := make([]byte, 2*blockSize)
 	if _, err := e.cache.ReadAt(two, layout.CheckpointOffsets[0]); err != nil {
@@ -149,39 +153,27 @@ func (e *Engine) recover() error {
 	e.mu.supersede = make([]uint64, e.nseg)
 
 	var discards [][2]uint64
-	hdr := make([]byte, blockSize)
-	data := make([]byte, e.nd*blockSize)
+	var lastSeg readSegment // the last segment of the log
+	var fixes []readSegment // copies to make agree (below)
 	id := ck.LastWritebackID + 1
 	prevEpoch := uint32(0)
 	for n := uint64(0); n < e.nseg; n++ {
 		if ck.Clean && id > ck.LastFlushedID {
 			break
 		}
-		off := e.geo.SegmentOffset(id)
-		if _, err := e.cache.ReadAt(hdr, off); err != nil {
-			return fmt.Errorf("%w: read segment %d: %v", ErrIO, id, err)
+		r, ok, err := e.readSegmentHeader(id, ck, prevEpoch)
+		if err != nil {
+			return err
 		}
-		h, err := layout.DecodeSegmentHeader(hdr, e.nd)
-		if err != nil || h.ID != id || h.Tag != e.tag || h.Epoch < prevEpoch || h.Epoch > ck.Epoch {
+		if !ok {
 			break
 		}
-		if id > ck.LastFlushedID {
-			d := data[:h.Count*blockSize]
-			if _, err := e.cache.ReadAt(d, off+blockSize); err != nil {
-				return fmt.Errorf("%w: read segment %d: %v", ErrIO, id, err)
-			}
-			crc := uint32(0)
-			for i, mb := range h.Metablocks {
-				if mb.Kind.HasData() {
-					crc = layout.UpdateDataCRC(crc, d[i*blockSize:(i+1)*blockSize])
-				}
-			}
-			if crc != h.DataCRC {
-				break // torn tail
-			}
+		discards = append(discards, e.applySegmentLocked(id, 0, r.h.Metablocks)...)
+		prevEpoch = r.h.Epoch
+		lastSeg = r
+		if r.otherDiffers {
+			fixes = append(fixes, r)
 		}
-		discards = append(discards, e.applySegmentLocked(id, h.Metablocks)...)
-		prevEpoch = h.Epoch
 		id++
 	}
 	last := id - 1
@@ -189,18 +181,69 @@ func (e *Engine) recover() error {
 		return fmt.Errorf("%w: the cache was shut down cleanly with segments up to %d, but only %d are readable", ErrCorrupt, ck.LastFlushedID, last)
 	}
 
+	// The rest of the last segment from a RAM buffer of a killed process,
+	// if the segment was still open (its partial writes are on the
+	// device): written into the other header copy, as the flusher would
+	// have, with the segment's own epoch, since a crash before this open's
+	// checkpoint must find it valid under the old one.
+	// Header copies are rewritten below only once the copies recovery
+	// took are durable.
+	if err := e.cache.Flush(); err != nil {
+		return fmt.Errorf("%w: flush cache device: %v", ErrIO, err)
+	}
+	extended := false
+	if lastSeg.h.ID == last && last > 0 {
+		var err error
+		if extended, discards, err = e.extendLastSegment(lastSeg, discards); err != nil {
+			return err
+		}
+	}
+	// Any other copy of an accepted segment that is a valid header of the
+	// same id, but was passed over (torn data, an older or unrecorded run),
+	// takes the accepted header. Once this open's checkpoint counts the
+	// segment as durable, recovery no longer checks its data, so no
+	// copy of it may be valid but wrong.
+	for _, r := range fixes {
+		if extended && r.h.ID == last {
+			continue // the extension rewrote it
+		}
+		if _, err := e.cache.WriteAt(r.raw, e.geo.HeaderOffset(r.h.ID, 1-r.h.Copy)); err != nil {
+			return fmt.Errorf("%w: rewrite header copy %d of segment %d: %v", ErrIO, 1-r.h.Copy, r.h.ID, err)
+		}
+	}
+	if extended || len(fixes) > 0 {
+		if err := e.cache.Flush(); err != nil {
+			return fmt.Errorf("%w: flush cache device: %v", ErrIO, err)
+		}
+	}
+
 	// RAM buffers of a killed process, newer than the log on the device.
+	replay := e.buffersToReplay(last)
 	replayed := 0
-	for _, b := range e.buffersToReplay(last) {
+	if len(replay) > 0 {
+		// Record this run's epoch before writing any segment, so that a
+		// crash in the middle leaves replayed segments a later open tells
+		// from older runs' leftovers.
+		e.mu.flushedID = last
+		if err := e.syncWithCheckpoint(ck.LastWritebackID, false); err != nil {
+			return fmt.Errorf("%w: %v", ErrIO, err)
+		}
+	}
+	for _, b := range replay {
 		id := last + 1
-		if err := e.writeSegment(id, b.seg, b.count); err != nil {
+		if id > e.ckptLimit() {
+			klog.ErrorS(nil, "RAM buffers left by a killed process do not fit the log ring; their writes are lost",
+				"volume", e.name, "buffers", len(replay)-replayed)
+			break
+		}
+		if _, err := e.writeSegment(id, b.seg[:blockSize], b.seg, 0, b.count, 0, 0); err != nil {
 			return fmt.Errorf("%w: replay RAM buffer: %v", ErrIO, err)
 		}
 		mbs := make([]layout.Metablock, b.count)
 		for i := range mbs {
 			mbs[i] = layout.GetMetablock(b.seg[:blockSize], i)
 		}
-		discards = append(discards, e.applySegmentLocked(id, mbs)...)
+		discards = append(discards, e.applySegmentLocked(id, 0, mbs)...)
 		last = id
 		replayed++
 	}
@@ -230,7 +273,8 @@ func (e *Engine) recover() error {
 		return fmt.Errorf("%w: %v", ErrIO, err)
 	}
 	klog.InfoS("cache recovered", "volume", e.name, "cleanShutdown", ck.Clean, "lastWritebackID", ck.LastWritebackID,
-		"lastID", last, "replayedRAMBuffers", replayed, "dirtyBlocks", e.mu.nrDirty)
+		"lastID", last, "replayedRAMBuffers", replayed, "extendedOpenSegment", extended, "headerCopiesMadeAgree", len(fixes),
+		"dirtyBlocks", e.mu.nrDirty)
 	return nil
 }
 
@@ -257,9 +301,6 @@ func (e *Engine) buffersToReplay(last uint64) []replayBuf {
 		if f.id != last+1+uint64(len(out)) {
 			break // a gap: what follows was never acknowledged after it
 		}
-		if f.id > e.ckptLimit() {
-			break
-		}
 		out = append(out, f)
 	}
 	return out
@@ -267,11 +308,11 @@ func (e *Engine) buffersToReplay(last uint64) []replayBuf {
 
 func (e *Engine) ckptLimit() uint64 { return e.mu.wbDoneID + e.nseg }
 
-// applySegmentLocked replays one segment's metablocks into the index and
-// returns its discard ranges.
-func (e *Engine) applySegmentLocked(id uint64, mbs []layout.Metablock) [][2]uint64 {
+// applySegmentLocked replays metablocks first, first+1, ... of segment id
+// into the index and returns their discard ranges.
+func (e *Engine) applySegmentLocked(id uint64, first int, mbs []layout.Metablock) [][2]uint64 {
 	slot := e.slotOf(id)
-	base := uint32(slot * uint64(e.nd))
+	base := uint32(slot*uint64(e.nd)) + uint32(first)
 	var discards [][2]uint64
 	for i, mb := range mbs {
 		pos := base + uint32(i)
@@ -294,6 +335,115 @@ func (e *Engine) applySegmentLocked(id uint64, mbs []layout.Metablock) [][2]uint
 		}
 	}
 	e.mu.slotID[slot] = id
-	e.mu.slotCount[slot] = uint16(len(mbs))
+	e.mu.slotCount[slot] = uint16(first + len(mbs))
 	return discards
+}
+
+// readSegment is the header copy recovery takes for a segment.
+type readSegment struct {
+	h   layout.SegmentHeader
+	raw []byte // its header block
+	// otherDiffers: the other copy is a valid header of the same segment
+	// that was passed over.
+	otherDiffers bool
+}
+
+// readSegmentHeader reads the header copies of segment id and returns the
+// one recovery takes (see recover), ok false where the log ends.
+func (e *Engine) readSegmentHeader(id uint64, ck layout.Checkpoint, prevEpoch uint32) (readSegment, bool, error) {
+	hdrs := make([]byte, 2*blockSize)
+	c := [2][]byte{hdrs[:blockSize], hdrs[blockSize:]}
+	if _, err := e.cache.ReadAt(c[0], e.geo.HeaderOffset(id, 0)); err != nil {
+		return readSegment{}, false, fmt.Errorf("%w: read segment %d: %v", ErrIO, id, err)
+	}
+	durable := id <= ck.LastFlushedID
+	if h, err := layout.DecodeSegmentHeader(c[0], e.nd); err == nil && durable && h.ID == id && h.Tag == e.tag &&
+		h.Count == e.nd && h.Epoch >= prevEpoch && h.Epoch <= ck.Epoch {
+		// A full copy is the segment's last write; a durable segment's
+		// last write is complete, and no other copy of it can be valid
+		// but wrong (recover makes the copies agree first).
+		return readSegment{h: h, raw: c[0]}, true, nil
+	}
+	if _, err := e.cache.ReadAt(c[1], e.geo.HeaderOffset(id, 1)); err != nil {
+		return readSegment{}, false, fmt.Errorf("%w: read segment %d: %v", ErrIO, id, err)
+	}
+	cands := layout.SegmentCandidates(c[0], c[1], id, e.tag, e.nd)
+	for _, h := range cands {
+		if h.Epoch < prevEpoch || h.Epoch > ck.Epoch || (!durable && h.Epoch != ck.Epoch) {
+			continue
+		}
+		if !durable {
+			ok, err := e.dataCRCMatches(id, h)
+			if err != nil {
+				return readSegment{}, false, err
+			}
+			if !ok {
+				continue // torn
+			}
+		}
+		return readSegment{h: h, raw: c[h.Copy], otherDiffers: len(cands) == 2 && string(c[0]) != string(c[1])}, true, nil
+	}
+	return readSegment{}, false, nil
+}
+
+// dataCRCMatches reads the data blocks h counts and checks its data
+// checksum.
+func (e *Engine) dataCRCMatches(id uint64, h layout.SegmentHeader) (bool, error) {
+	d := make([]byte, h.Count*blockSize)
+	if _, err := e.cache.ReadAt(d, e.geo.DataBlockOffset(id, 0)); err != nil {
+		return false, fmt.Errorf("%w: read segment %d: %v", ErrIO, id, err)
+	}
+	crc := uint32(0)
+	for i, mb := range h.Metablocks {
+		if mb.Kind.HasData() {
+			crc = layout.UpdateDataCRC(crc, d[i*blockSize:(i+1)*blockSize])
+		}
+	}
+	return crc == h.DataCRC, nil
+}
+
+// extendLastSegment writes the entries of the log's last segment that a
+// RAM buffer left by a killed process holds beyond what the device has
+// (the buffer was open, and its partial writes reached the device). The
+// entries the device has must match the buffer's, which never change once
+// written; otherwise the buffer is not trusted.
+func (e *Engine) extendLastSegment(r readSegment, discards [][2]uint64) (bool, [][2]uint64, error) {
+	h := r.h
+	for _, b := range e.mu.bufs {
+		id, count, ok := readCtrl(b.ctrl, e.uuid, e.boot)
+		if !ok || id != h.ID || count <= h.Count || count > e.nd {
+			continue
+		}
+		ram := b.seg[:blockSize]
+		crc := uint32(0)
+		for i, mb := range h.Metablocks {
+			if layout.GetMetablock(ram, i) != mb {
+				klog.ErrorS(nil, "RAM buffer disagrees with the segment on the cache device; not replaying it",
+					"volume", e.name, "segment", id, "entry", i)
+				return false, discards, nil
+			}
+			if mb.Kind.HasData() {
+				crc = layout.UpdateDataCRC(crc, b.block(i))
+			}
+		}
+		if crc != h.DataCRC {
+			klog.ErrorS(nil, "RAM buffer data disagrees with the segment on the cache device; not replaying it",
+				"volume", e.name, "segment", id)
+			return false, discards, nil
+		}
+		epoch := e.epoch
+		e.epoch = h.Epoch // the segment's run, as if the flusher had finished
+		_, err := e.writeSegment(id, ram, b.seg, h.Count, count, 1-h.Copy, h.DataCRC)
+		e.epoch = epoch
+		if err != nil {
+			return false, discards, fmt.Errorf("%w: replay RAM buffer: %v", ErrIO, err)
+		}
+		mbs := make([]layout.Metablock, count-h.Count)
+		for i := range mbs {
+			mbs[i] = layout.GetMetablock(ram, h.Count+i)
+		}
+		discards = append(discards, e.applySegmentLocked(id, h.Count, mbs)...)
+		return true, discards, nil
+	}
+	return false, discards, nil
 }

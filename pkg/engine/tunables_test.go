@@ -63,7 +63,7 @@ func TestBatchSizeSetsBackingFlushes(t *testing.T) {
 			o.Tunables.WritebackThreshold = 0
 			o.Tunables.NrMaxBatchedWriteback = batch
 		})
-		writeBlocks(t, e, 7*16, 1) // 16 full segments
+		writeBlocks(t, e, e.nd*16, 1) // 16 full segments
 		if err := e.Flush(); err != nil {
 			t.Fatal(err)
 		}

@@ -357,11 +357,11 @@ func (e *Engine) readFills(items []wbItem, stretches [][2]int, run []byte, first
 
 // extendBatchLocked lets a batch of segments [from, to] take in further
 // written segments while their entries, with the batch's, stay within
-// maxSegs full segments' worth. A flush seals the RAM buffer however few
-// blocks it holds, so an fsync-heavy workload fills the ring with segments
-// of one or two blocks; batches counted in segments would then write back
-// a few dozen scattered blocks each, one seek apiece, while the ring stays
-// full. Bounding a batch by its entries keeps its I/O and memory what
+// maxSegs full segments' worth. Segments are sealed part-full by drains,
+// sync_data_interval, the ticker when a volume goes quiet, makeDurable and
+// (before partial writes existed, and in dm-writeboost) every flush; a
+// ring of small segments counted by segments would give batches a few
+// dozen scattered blocks each, one seek apiece. Bounding a batch by its entries keeps its I/O and memory what
 // nr_max_batched_writeback allows for full segments, and gives the sort
 // (and gap filling) enough blocks to work with.
 func (e *Engine) extendBatchLocked(from, to uint64, maxSegs int) uint64 {
@@ -531,6 +531,8 @@ func (e *Engine) ticker() {
 	lastTime := e.clock.Now()
 	lastSync := lastTime
 	lastWB := uint64(0)
+	var idleID uint64 // the open buffer and its count at the last tick
+	idleCount := 0
 	for {
 		select {
 		case <-tk.C:
@@ -549,6 +551,18 @@ func (e *Engine) ticker() {
 		lastBusy, lastTime, lastWB = busy, now, e.mu.wbBytes
 		t := e.mu.tunables
 		e.mu.bgAllow = t.WritebackThreshold > 0 && e.mu.util*100 < float64(t.WritebackThreshold)
+		// Flushes no longer close the open buffer (partial writes), so a
+		// volume that goes quiet would keep its last writes there, out of
+		// writeback's reach. Seal it once it has taken no entry for a
+		// whole tick and writeback may run.
+		if cur := e.mu.cur; cur != nil && cur.count > 0 && cur.id == idleID && cur.count == idleCount && e.mu.bgAllow {
+			e.sealLocked()
+			e.mu.flushReq = max(e.mu.flushReq, e.mu.sealedID)
+		}
+		idleID, idleCount = 0, 0
+		if cur := e.mu.cur; cur != nil {
+			idleID, idleCount = cur.id, cur.count
+		}
 		if t.SyncDataInterval > 0 && now.Sub(lastSync) >= time.Duration(t.SyncDataInterval)*time.Second {
 			lastSync = now
 			if cur := e.mu.cur; cur != nil && cur.count > 0 {

@@ -40,6 +40,7 @@ type SegmentReport struct {
 	DataBlocks int               `json:"data_blocks"`
 	Discards   int               `json:"discards"`
 	HeaderOK   bool              `json:"header_ok"`
+	HeaderCopy int               `json:"header_copy"` // the header copy described (0 first block, 1 last)
 	DataCRCOK  bool              `json:"data_crc_ok"`
 	Problem    string            `json:"problem,omitempty"`
 	Durable    bool              `json:"durable"` // id <= checkpoint's last_flushed_id
@@ -183,36 +184,12 @@ func Check(r io.ReaderAt, size int64, o Options) (*Report, error) {
 		if _, err := r.ReadAt(seg, s.Offset); err != nil {
 			return rep, fmt.Errorf("read segment %d: %w", id, err)
 		}
-		h, err := layout.DecodeSegmentHeader(seg[:blockSize], nd)
-		switch {
-		case err != nil:
-			s.Problem = fmt.Sprintf("header: %v", err)
-		case h.ID != id:
-			s.Problem = fmt.Sprintf("slot holds segment %d, not %d", h.ID, id)
-		case h.Tag != tag:
-			s.Problem = fmt.Sprintf("header tag %08x is not this cache's %08x", h.Tag, tag)
-		case h.Epoch < prevEpoch || h.Epoch > ck.Epoch:
-			s.Problem = fmt.Sprintf("epoch %d outside [%d, %d]", h.Epoch, prevEpoch, ck.Epoch)
-		}
-		if s.Problem == "" {
-			s.HeaderOK, s.Epoch, s.Count = true, h.Epoch, h.Count
-			d := seg[blockSize : (1+h.Count)*blockSize]
-			crc := uint32(0)
-			for i, mb := range h.Metablocks {
-				if mb.Kind.HasData() {
-					crc = layout.UpdateDataCRC(crc, d[i*blockSize:(i+1)*blockSize])
-				}
-			}
-			s.DataCRCOK = crc == h.DataCRC
-			if !s.DataCRCOK {
-				s.Problem = fmt.Sprintf("data checksum %08x, header says %08x", crc, h.DataCRC)
-			}
-		}
+		h, sameID := chooseCopy(&s, seg, id, tag, nd, prevEpoch, ck)
 		if s.Problem != "" {
 			if s.Durable {
 				rep.Problems = append(rep.Problems, fmt.Sprintf("segment %d (slot %d, offset %d), recorded as durable by the checkpoint, is corrupt: %s", id, s.Slot, s.Offset, s.Problem))
 				rep.Live = append(rep.Live, s)
-			} else if s.HeaderOK || h.ID == id {
+			} else if s.HeaderOK || sameID {
 				rep.Tail = &s // an interrupted write at the end of the log
 			}
 			break
@@ -283,6 +260,59 @@ func Check(r io.ReaderAt, size int64, o Options) (*Report, error) {
 	return rep, nil
 }
 
+// chooseCopy picks the header copy of segment id that recovery takes from
+// the slot's contents seg (pkg/engine's recover: the newer run's, then
+// the longer copy; beyond the checkpoint's last_flushed_id only this
+// run's, with valid data, falling back to the other copy) and fills s. A
+// durable segment's best copy must have valid data: it is the segment's
+// completed last write. sameID reports whether a copy names segment id.
+func chooseCopy(s *SegmentReport, seg []byte, id uint64, tag uint32, nd int, prevEpoch uint32, ck layout.Checkpoint) (h layout.SegmentHeader, sameID bool) {
+	c0, c1 := seg[:blockSize], seg[len(seg)-blockSize:]
+	cands := layout.SegmentCandidates(c0, c1, id, tag, nd)
+	sameID = len(cands) > 0
+	for _, c := range cands {
+		h := c
+		if h.Epoch < prevEpoch || h.Epoch > ck.Epoch || (!s.Durable && h.Epoch != ck.Epoch) {
+			s.Problem = fmt.Sprintf("header copy %d: epoch %d outside [%d, %d]", h.Copy, h.Epoch, prevEpoch, ck.Epoch)
+			continue
+		}
+		s.HeaderOK, s.HeaderCopy, s.Epoch, s.Count = true, h.Copy, h.Epoch, h.Count
+		s.DataCRCOK = dataCRC(seg[blockSize:], h) == h.DataCRC
+		if s.DataCRCOK {
+			s.Problem = ""
+			return h, sameID
+		}
+		s.Problem = fmt.Sprintf("header copy %d: data checksum %08x, header says %08x", h.Copy, dataCRC(seg[blockSize:], h), h.DataCRC)
+		if s.Durable {
+			return h, sameID
+		}
+	}
+	if len(cands) == 0 {
+		h, err := layout.DecodeSegmentHeader(c0, nd)
+		switch {
+		case err != nil:
+			s.Problem = fmt.Sprintf("header: %v", err)
+		case h.ID != id:
+			s.Problem = fmt.Sprintf("slot holds segment %d, not %d", h.ID, id)
+		case h.Tag != tag:
+			s.Problem = fmt.Sprintf("header tag %08x is not this cache's %08x", h.Tag, tag)
+		}
+	}
+	return layout.SegmentHeader{}, sameID
+}
+
+// dataCRC is the data checksum of the data blocks h counts, from d (the
+// segment's data blocks).
+func dataCRC(d []byte, h layout.SegmentHeader) uint32 {
+	crc := uint32(0)
+	for i, mb := range h.Metablocks {
+		if mb.Kind.HasData() {
+			crc = layout.UpdateDataCRC(crc, d[i*blockSize:(i+1)*blockSize])
+		}
+	}
+	return crc
+}
+
 // Segment reads the segment with the given id from its slot, with every
 // metablock. It reports what the slot holds even when it is not that
 // segment.
@@ -292,31 +322,40 @@ func Segment(r io.ReaderAt, sb layout.Superblock, id uint64) (SegmentReport, err
 	}
 	geo := sb.Geometry()
 	s := SegmentReport{ID: id, Slot: geo.SlotOf(id), Offset: geo.SegmentOffset(id)}
-	hdr := make([]byte, blockSize)
-	if _, err := r.ReadAt(hdr, s.Offset); err != nil {
+	seg := make([]byte, geo.SegmentSize)
+	if _, err := r.ReadAt(seg, s.Offset); err != nil {
 		return s, fmt.Errorf("read segment %d: %w", id, err)
 	}
-	h, err := layout.DecodeSegmentHeader(hdr, geo.DataBlocks())
-	if err != nil {
-		s.Problem = fmt.Sprintf("header: %v", err)
-		return s, nil
-	}
-	s.HeaderOK, s.Epoch, s.Count = true, h.Epoch, h.Count
-	if h.ID != id {
-		s.Problem = fmt.Sprintf("slot holds segment %d, not %d", h.ID, id)
-	}
-	if h.Tag != layout.Tag(sb.UUID) {
-		s.Problem = fmt.Sprintf("header tag %08x is not this cache's", h.Tag)
-	}
-	d := make([]byte, h.Count*blockSize)
-	if _, err := r.ReadAt(d, s.Offset+blockSize); err != nil {
-		return s, fmt.Errorf("read segment %d data: %w", id, err)
-	}
-	crc := uint32(0)
-	for i, mb := range h.Metablocks {
-		if mb.Kind.HasData() {
-			crc = layout.UpdateDataCRC(crc, d[i*blockSize:(i+1)*blockSize])
+	tag := layout.Tag(sb.UUID)
+	// Without the log around it, the best valid copy of this id: the
+	// newer run's, then the longer one with valid data.
+	cands := layout.SegmentCandidates(seg[:blockSize], seg[len(seg)-blockSize:], id, tag, geo.DataBlocks())
+	var h layout.SegmentHeader
+	for i, c := range cands {
+		if i == 0 || dataCRC(seg[blockSize:], c) == c.DataCRC {
+			h = c
 		}
+		if dataCRC(seg[blockSize:], c) == c.DataCRC {
+			break
+		}
+	}
+	if len(cands) == 0 {
+		hd, err := layout.DecodeSegmentHeader(seg[:blockSize], geo.DataBlocks())
+		if err != nil {
+			s.Problem = fmt.Sprintf("header: %v", err)
+			return s, nil
+		}
+		h = hd
+		if h.ID != id {
+			s.Problem = fmt.Sprintf("slot holds segment %d, not %d", h.ID, id)
+		}
+		if h.Tag != tag {
+			s.Problem = fmt.Sprintf("header tag %08x is not this cache's", h.Tag)
+		}
+	}
+	s.HeaderOK, s.HeaderCopy, s.Epoch, s.Count = true, h.Copy, h.Epoch, h.Count
+	crc := dataCRC(seg[blockSize:], h)
+	for i, mb := range h.Metablocks {
 		switch mb.Kind {
 		case layout.KindData:
 			s.DataBlocks++

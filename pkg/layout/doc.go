@@ -96,23 +96,41 @@
 //
 // # Segments
 //
-// The log is a ring of segments. A segment is SegmentSize bytes: one
-// header block, then SegmentSize/4096 - 1 data blocks. Segment ids start
-// at 1 and go up by one per segment (0 = never written); segment id lives
-// in slot (id-1) % n at offset 1 MiB + slot x segment size, and its data
-// block i at that offset + (1+i) x 4096, described by metablock i. Only
-// the header block and the data blocks of used metablocks are written.
+// The log is a ring of segments. A segment is SegmentSize bytes: header
+// copy 0 (the first block), SegmentSize/4096 - 2 data blocks, header copy
+// 1 (the last block). Segment ids start at 1 and go up by one per segment
+// (0 = never written); segment id lives in slot (id-1) % n at offset
+// 1 MiB + slot x segment size, and its data block i at that offset +
+// (1+i) x 4096, described by metablock i.
+//
+// A segment may be written more than once while it fills: a flush that
+// finds the segment in RAM part-full writes its new data blocks and a
+// header counting the metablocks so far, and the segment keeps filling
+// (dm-writeboost instead closes the segment at every flush, so a
+// fsync-heavy load spends a whole segment per fsync). Each write of a
+// segment writes only data blocks not written before, then a complete
+// header into one copy, the copies alternating and copy 0 first. A data
+// block, once written, never changes, and a copy is rewritten only after
+// the other copy's last write is durable; so a torn write can spoil only
+// the copy being written, and the other copy still describes everything
+// the last completed flush covered. The two copies agree on their common
+// prefix of metablocks.
 //
 // The header checksum covers the header and its metablocks, the data
-// checksum the data blocks, so a torn segment (the end of the log after a
-// crash) is recognised. The tag (32 bits of the UUID) refuses segments of
-// an earlier format of the same device; the segment id expected at the
-// slot, the epoch and the checksums are further checks. The epoch (the
-// run of the cache that wrote the segment, recorded in the checkpoint
-// too) lets recovery refuse a stale segment beyond the end of a log it
-// recovered earlier. DecodeSegmentHeader checks a header on its own;
-// comparing the id, tag and epoch with what the ring position calls for,
-// and the data checksum, is the reader's part.
+// checksum the data blocks the header counts, so a torn write (the end of
+// the log after a crash) is recognised. The tag (32 bits of the UUID)
+// refuses segments of an earlier format of the same device; the segment
+// id expected at the slot, the epoch and the checksums are further
+// checks. Of the valid copies of the expected id, a reader takes the one
+// with the newer epoch, then the higher count (SegmentCandidates), and
+// falls back to the other if the data checksum of the first fails. The
+// epoch (the run of the cache that wrote the segment, recorded in the
+// checkpoint too) lets recovery refuse a stale segment or copy beyond the
+// end of a log it recovered earlier: a segment beyond last_flushed_id
+// must carry the epoch of the newest checkpoint. DecodeSegmentHeader
+// checks a header on its own; comparing the id, tag and epoch with what
+// the ring position calls for, and the data checksum, is the reader's
+// part.
 //
 // Header block: the fixed header, then count metablocks, then zeros.
 //
@@ -130,7 +148,8 @@
 //	| ... | to 4096 | zero (written so; not covered by the checksum, not checked) |
 //
 // At most MaxMetablocks = (4096 - 32) / 16 = 254 metablocks fit, so a
-// segment has at most 254 data blocks: MaxSegmentSize = 255 x 4096.
+// segment has at most 254 data blocks: MaxSegmentSize = 256 x 4096. The
+// default 512 KiB segment has 126.
 //
 // Metablock:
 //

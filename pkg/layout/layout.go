@@ -48,8 +48,8 @@ const (
 	// MaxMetablocks is how many metablocks fit in the header block, and so
 	// the most data blocks a segment can have (254).
 	MaxMetablocks = (BlockSize - SegmentHeaderSize) / MetablockSize
-	// MaxSegmentSize is a header block plus MaxMetablocks data blocks.
-	MaxSegmentSize = (1 + MaxMetablocks) * BlockSize
+	// MaxSegmentSize is two header blocks plus MaxMetablocks data blocks.
+	MaxSegmentSize = (2 + MaxMetablocks) * BlockSize
 
 	// MinSegments is the smallest ring: one segment being written back
 	// while the next one fills.
@@ -122,15 +122,23 @@ type Geometry struct {
 	NrSegments  uint64
 }
 
-// DataBlocks is the number of data blocks per segment.
-func (g Geometry) DataBlocks() int { return g.SegmentSize/BlockSize - 1 }
+// DataBlocks is the number of data blocks per segment: all its blocks but
+// the two header copies.
+func (g Geometry) DataBlocks() int { return g.SegmentSize/BlockSize - 2 }
 
 // SlotOf is the ring slot of segment id (ids start at 1).
 func (g Geometry) SlotOf(id uint64) uint64 { return (id - 1) % g.NrSegments }
 
-// SegmentOffset is the byte offset of segment id's header block.
+// SegmentOffset is the byte offset of segment id's slot, where its header
+// copy 0 is.
 func (g Geometry) SegmentOffset(id uint64) int64 {
 	return RingOffset + int64(g.SlotOf(id))*int64(g.SegmentSize)
+}
+
+// HeaderOffset is the byte offset of header copy c (0 or 1) of segment id:
+// copy 0 is the slot's first block, copy 1 its last.
+func (g Geometry) HeaderOffset(id uint64, c int) int64 {
+	return g.SegmentOffset(id) + int64(c)*int64(g.SegmentSize-BlockSize)
 }
 
 // DataBlockOffset is the byte offset of data block i of segment id.

@@ -144,6 +144,34 @@ type SegmentHeader struct {
 	DataCRC    uint32
 	Count      int
 	Metablocks []Metablock // Count of them
+	Copy       int         // which header copy it was read from (SegmentCandidates)
+}
+
+// SegmentCandidates decodes the two header copies of a slot (copy0 at the
+// slot's first block, copy1 at its last) and returns those that are valid
+// headers of segment id of the cache with this tag, best first: the newer
+// epoch, then the higher count (the later write of the same run). The
+// caller still checks the epoch against what the checkpoint allows and,
+// for a segment not known durable, the data checksum, and falls back to
+// the next candidate when the first fails. A nil or short copy counts as
+// invalid.
+func SegmentCandidates(copy0, copy1 []byte, id uint64, tag uint32, dataBlocks int) []SegmentHeader {
+	var out []SegmentHeader
+	for c, b := range [2][]byte{copy0, copy1} {
+		h, err := DecodeSegmentHeader(b, dataBlocks)
+		if err != nil || h.ID != id || h.Tag != tag {
+			continue
+		}
+		h.Copy = c
+		out = append(out, h)
+	}
+	if len(out) == 2 {
+		a, b := out[0], out[1]
+		if b.Epoch > a.Epoch || (b.Epoch == a.Epoch && b.Count > a.Count) {
+			out[0], out[1] = b, a
+		}
+	}
+	return out
 }
 
 // DecodeSegmentHeader decodes and checks a segment header block of a

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"hash/crc32"
 	"math"
 	"strings"
@@ -12,7 +13,7 @@ import (
 
 func TestConstants(t *testing.T) {
 	// The brief of format v1; these must never change.
-	if MaxMetablocks != 254 || MaxSegmentSize != 255*4096 || SegmentHeaderSize != 32 || MetablockSize != 16 ||
+	if MaxMetablocks != 254 || MaxSegmentSize != 256*4096 || SegmentHeaderSize != 32 || MetablockSize != 16 ||
 		SectorsPerBlock != 8 || RingOffset != 1<<20 || MinSegmentSize != 16<<10 || DefaultSegmentSize != 512<<10 {
 		t.Fatal("format constants changed")
 	}
@@ -22,8 +23,8 @@ func TestConstants(t *testing.T) {
 	if SuperblockOffsets != [2]int64{0, 4096} || CheckpointOffsets != [2]int64{8192, 12288} {
 		t.Fatal("device map changed")
 	}
-	if (Geometry{SegmentSize: DefaultSegmentSize}).DataBlocks() != 127 {
-		t.Fatal("default segment is not 1 + 127 blocks")
+	if (Geometry{SegmentSize: DefaultSegmentSize}).DataBlocks() != 126 {
+		t.Fatal("default segment is not 2 header blocks + 126 data blocks")
 	}
 }
 
@@ -225,7 +226,7 @@ func TestKind(t *testing.T) {
 
 func TestGeometry(t *testing.T) {
 	g := Geometry{SegmentSize: 64 << 10, NrSegments: 3}
-	if g.DataBlocks() != 15 {
+	if g.DataBlocks() != 14 {
 		t.Fatalf("DataBlocks = %d", g.DataBlocks())
 	}
 	for _, tc := range []struct {
@@ -239,15 +240,63 @@ func TestGeometry(t *testing.T) {
 		if got := g.SegmentOffset(tc.id); got != off {
 			t.Errorf("SegmentOffset(%d) = %d, want %d", tc.id, got, off)
 		}
-		if got := g.DataBlockOffset(tc.id, 14); got != off+15*4096 {
-			t.Errorf("DataBlockOffset(%d, 14) = %d", tc.id, got)
+		if got := g.DataBlockOffset(tc.id, 13); got != off+14*4096 {
+			t.Errorf("DataBlockOffset(%d, 13) = %d", tc.id, got)
+		}
+		if got := g.HeaderOffset(tc.id, 0); got != off {
+			t.Errorf("HeaderOffset(%d, 0) = %d, want %d", tc.id, got, off)
+		}
+		// Copy 1 is the slot's last block, right after the last data block.
+		if got := g.HeaderOffset(tc.id, 1); got != off+15*4096 || got != g.DataBlockOffset(tc.id, 13)+BlockSize {
+			t.Errorf("HeaderOffset(%d, 1) = %d, want %d", tc.id, got, off+15*4096)
 		}
 	}
 	// The last byte of the ring stays inside the size the superblock checks.
 	s := testSuperblock(t)
 	sg := s.Geometry()
-	last := sg.DataBlockOffset(s.NrSegments, sg.DataBlocks()-1) + BlockSize
+	last := sg.HeaderOffset(s.NrSegments, 1) + BlockSize
 	if last != RingOffset+int64(s.NrSegments)*int64(s.SegmentSize) || uint64(last) > s.CacheSize {
 		t.Fatalf("ring ends at %d, cache size %d", last, s.CacheSize)
+	}
+}
+
+func TestSegmentCandidates(t *testing.T) {
+	const id, tag = 42, 0x11223344
+	hdr := func(id uint64, tag, epoch uint32, count int) []byte {
+		b := make([]byte, BlockSize)
+		for i := 0; i < count; i++ {
+			PutMetablock(b, i, Metablock{Block: uint64(i), Mask: 0xff, Kind: KindData})
+		}
+		SealSegmentHeader(b, id, tag, epoch, count, 0)
+		return b
+	}
+	torn := hdr(id, tag, 3, 9)
+	torn[SegmentHeaderSize+3] ^= 1
+	for _, tc := range []struct {
+		name   string
+		c0, c1 []byte
+		want   []int // copies, best first
+	}{
+		{"both blank", make([]byte, BlockSize), make([]byte, BlockSize), nil},
+		{"only copy 0", hdr(id, tag, 3, 5), make([]byte, BlockSize), []int{0}},
+		{"only copy 1", nil, hdr(id, tag, 3, 5), []int{1}},
+		{"same run: more metablocks wins", hdr(id, tag, 3, 5), hdr(id, tag, 3, 9), []int{1, 0}},
+		{"same run: more metablocks wins, copy 0", hdr(id, tag, 3, 9), hdr(id, tag, 3, 5), []int{0, 1}},
+		{"newer run wins over more metablocks", hdr(id, tag, 2, 100), hdr(id, tag, 3, 1), []int{1, 0}},
+		{"previous lap of the ring", hdr(id, tag, 3, 5), hdr(id-7, tag, 3, 9), []int{0}},
+		{"another cache", hdr(id, tag+1, 3, 5), hdr(id, tag, 3, 2), []int{1}},
+		{"torn copy", hdr(id, tag, 3, 5), torn, []int{0}},
+	} {
+		got := SegmentCandidates(tc.c0, tc.c1, id, tag, 126)
+		var copies []int
+		for _, h := range got {
+			if h.ID != id || h.Tag != tag {
+				t.Errorf("%s: candidate of segment %d tag %#x", tc.name, h.ID, h.Tag)
+			}
+			copies = append(copies, h.Copy)
+		}
+		if fmt.Sprint(copies) != fmt.Sprint(tc.want) {
+			t.Errorf("%s: copies %v, want %v", tc.name, copies, tc.want)
+		}
 	}
 }
