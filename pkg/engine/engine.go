@@ -103,6 +103,7 @@ type Engine struct {
 		flushReq  uint64 // the flusher makes ids <= flushReq durable
 		wbDoneID  uint64 // ids <= wbDoneID are written back and the backing flushed
 		ckptWbID  uint64 // last_writeback_id of the newest durable checkpoint
+		ckptFlID  uint64 // last_flushed_id of the newest durable checkpoint
 		lastCkpt  time.Time
 
 		nrDirty uint64
@@ -690,6 +691,24 @@ func (e *Engine) flusher() {
 			e.failLocked(err)
 			continue
 		}
+		// The record just written claims only what was durable before
+		// this flush. After a burst of segments (a bulk write, then one
+		// flush) that would leave a crash recovery checking the data of
+		// all of them; a second record, before the waiters are released,
+		// bounds that to a few segments. An fsync-heavy load, a segment
+		// or less per flush, never pays for it.
+		if to > e.mu.ckptFlID+max(8, e.nseg/64) {
+			if e.mu.ckptNeed > to {
+				wb = e.mu.ckptWbID
+			}
+			e.mu.Unlock()
+			err = e.checkpointUpTo(wb, to)
+			e.mu.Lock()
+			if err != nil {
+				e.failLocked(err)
+				continue
+			}
+		}
 		e.mu.flushedID = to
 		if p != nil {
 			p.frozenCRC, p.copyNext, p.durable = pCRC, 1-pCopy, pCount
@@ -734,6 +753,16 @@ func (e *Engine) writeSegment(id uint64, hdr, seg []byte, from, count, c int, cr
 // claims only what was already durable before (last_flushed_id) and
 // written back with the backing flushed (wb).
 func (e *Engine) syncWithCheckpoint(wb uint64, clean bool) error {
+	return e.writeCheckpoint(wb, 0, clean)
+}
+
+// checkpointUpTo is syncWithCheckpoint for a caller that knows segments
+// up to flushed are durable before it has published that.
+func (e *Engine) checkpointUpTo(wb, flushed uint64) error {
+	return e.writeCheckpoint(wb, flushed, false)
+}
+
+func (e *Engine) writeCheckpoint(wb, flushedUpTo uint64, clean bool) error {
 	e.ckptMu.Lock()
 	defer e.ckptMu.Unlock()
 	e.mu.Lock()
@@ -742,7 +771,7 @@ func (e *Engine) syncWithCheckpoint(wb uint64, clean bool) error {
 	// durable checkpoint's wb is always safe), or recovery would look for
 	// segments whose slots are reused already.
 	wb = max(wb, e.mu.ckptWbID)
-	flushed := e.mu.flushedID
+	flushed := max(e.mu.flushedID, flushedUpTo)
 	if clean {
 		// Close has made everything durable already: the log ends here.
 		flushed = e.mu.writtenID
@@ -763,6 +792,7 @@ func (e *Engine) syncWithCheckpoint(wb uint64, clean bool) error {
 	if wb > e.mu.ckptWbID {
 		e.mu.ckptWbID = wb
 	}
+	e.mu.ckptFlID = max(e.mu.ckptFlID, flushed)
 	e.mu.lastCkpt = e.clock.Now()
 	e.cond.Broadcast()
 	e.mu.Unlock()
