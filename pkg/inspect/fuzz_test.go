@@ -102,7 +102,22 @@ func (e *editor) u32() uint32 {
 
 func (e *editor) u64() uint64 { return uint64(e.u32()) | uint64(e.u32())<<32 }
 
-func (e *editor) block(off int64) []byte { return e.img[off : off+layout.BlockSize] }
+// block returns the image's block at off; outside the image (an edited
+// superblock may describe a larger ring) a scratch block, so the edit is
+// lost rather than the harness panicking.
+func (e *editor) block(off int64) []byte {
+	if off < 0 || off+layout.BlockSize > int64(len(e.img)) {
+		return make([]byte, layout.BlockSize)
+	}
+	return e.img[off : off+layout.BlockSize]
+}
+
+// xor flips bits of the image's byte at off, if the image has it.
+func (e *editor) xor(off int64, x byte) {
+	if off >= 0 && off < int64(len(e.img)) {
+		e.img[off] ^= x
+	}
+}
 
 func (e *editor) superblock() (layout.Superblock, bool) {
 	sb, err := layout.ChooseSuperblock(e.block(layout.SuperblockOffsets[0]), e.block(layout.SuperblockOffsets[1]))
@@ -145,7 +160,7 @@ func (e *editor) apply() {
 			} else if op&0x40 == 0 {
 				off %= 4 * layout.BlockSize
 			}
-			e.img[off] ^= e.byte() | 1
+			e.xor(off, e.byte()|1)
 		case 1: // rewrite (or append) a metablock and reseal
 			if !ok {
 				continue
@@ -229,7 +244,7 @@ func (e *editor) apply() {
 			}
 			_, off := e.segment(sb)
 			i := int64(e.byte()) % int64(sb.Geometry().DataBlocks())
-			e.img[off+(1+i)*layout.BlockSize+int64(e.byte())] ^= 0x40
+			e.xor(off+(1+i)*layout.BlockSize+int64(e.byte()), 0x40)
 		}
 	}
 }
