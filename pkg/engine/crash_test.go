@@ -253,13 +253,7 @@ func crashOnce(t *testing.T, seed int64, ops, k int, mode blockdev.CrashMode) {
 	if !crashWorkload(e2, m, rng, ops/2, &id) {
 		t.Fatalf("%s: second life failed without a crash: %v", what, e2.Err())
 	}
-	e2.mu.Lock()
-	e2.mu.stop = true // freeze: model a power cut now, without Close's flush
-	e2.mu.closed = true
-	e2.cond.Broadcast()
-	e2.mu.Unlock()
-	close(e2.stopCh)
-	e2.wg.Wait()
+	halt(e2) // freeze: model a power cut now, without Close's flush
 	c3, b3 := c2.CrashImage(blockdev.CrashDropAll, crng), b2.CrashImage(blockdev.CrashDropAll, crng)
 	e3, err := Open(Options{Cache: c3, Backing: b3, SegmentSize: testSegSize, RAMBuffers: 2, Tunables: DefaultTunables()})
 	if err != nil {
@@ -292,12 +286,7 @@ func TestKillSweep(t *testing.T) {
 			pw.CrashAfterWrites(0)
 			rng := rand.New(rand.NewSource(seed))
 			c2, b2 := cache.CrashImage(blockdev.CrashKeepAll, rng), backing.CrashImage(blockdev.CrashKeepAll, rng)
-			e.mu.Lock()
-			e.mu.stop, e.mu.closed = true, true
-			e.cond.Broadcast()
-			e.mu.Unlock()
-			close(e.stopCh)
-			e.wg.Wait()
+			halt(e)
 			e2, err := Open(Options{Cache: c2, Backing: b2, SegmentSize: testSegSize, RAMBuffers: 2, Buffer: mem, Tunables: DefaultTunables()})
 			if err != nil {
 				t.Fatalf("seed %d kill at %d: reopen: %v", seed, k, err)

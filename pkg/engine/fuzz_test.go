@@ -107,12 +107,7 @@ func fuzzBase(tb testing.TB) fuzzImages {
 			}
 		}
 		// The kill: stop without Close; RAM buffers stay in mem.
-		e.mu.Lock()
-		e.mu.stop, e.mu.closed = true, true
-		e.cond.Broadcast()
-		e.mu.Unlock()
-		close(e.stopCh)
-		e.wg.Wait()
+		halt(e)
 		fuzzImg = fuzzImages{cache: readAll(tb, cache), backing: readAll(tb, backing), buf: append([]byte(nil), mem.Bytes()...)}
 	})
 	return fuzzImg

@@ -21,6 +21,18 @@ const (
 
 func testCacheSize(segs int) int64 { return layout.RingOffset + int64(segs)*testSegSize }
 
+// halt stops an engine's goroutines without Close: no flush and no clean
+// checkpoint, as a power cut or a kill of the process would leave it (RAM
+// buffers stay where they are).
+func halt(e *Engine) {
+	e.mu.Lock()
+	e.mu.stop, e.mu.closed = true, true
+	e.cond.Broadcast()
+	e.mu.Unlock()
+	close(e.stopCh)
+	e.wg.Wait()
+}
+
 func stress() bool { return os.Getenv("WRITEBOOST_STRESS") == "1" }
 
 func openTest(t testing.TB, cache, backing blockdev.Device, mut func(*Options)) *Engine {

@@ -181,16 +181,16 @@ func (e *Engine) recover() error {
 		return fmt.Errorf("%w: the cache was shut down cleanly with segments up to %d, but only %d are readable", ErrCorrupt, ck.LastFlushedID, last)
 	}
 
-	// The rest of the last segment from a RAM buffer of a killed process,
-	// if the segment was still open (its partial writes are on the
-	// device): written into the other header copy, as the flusher would
-	// have, with the segment's own epoch, since a crash before this open's
-	// checkpoint must find it valid under the old one.
 	// Header copies are rewritten below only once the copies recovery
 	// took are durable.
 	if err := e.cache.Flush(); err != nil {
 		return fmt.Errorf("%w: flush cache device: %v", ErrIO, err)
 	}
+	// The rest of the last segment from a RAM buffer of a killed process,
+	// if the segment was still open (its partial writes are on the
+	// device): written into the other header copy, as the flusher would
+	// have, with the segment's own epoch, since a crash before this open's
+	// checkpoint must find it valid under the old one.
 	extended := false
 	if lastSeg.h.ID == last && last > 0 {
 		var err error
@@ -239,11 +239,7 @@ func (e *Engine) recover() error {
 		if _, err := e.writeSegment(id, b.seg[:blockSize], b.seg, 0, b.count, 0, 0); err != nil {
 			return fmt.Errorf("%w: replay RAM buffer: %v", ErrIO, err)
 		}
-		mbs := make([]layout.Metablock, b.count)
-		for i := range mbs {
-			mbs[i] = layout.GetMetablock(b.seg[:blockSize], i)
-		}
-		discards = append(discards, e.applySegmentLocked(id, 0, mbs)...)
+		discards = append(discards, e.applySegmentLocked(id, 0, metablocks(b.seg[:blockSize], 0, b.count))...)
 		last = id
 		replayed++
 	}
@@ -339,6 +335,15 @@ func (e *Engine) applySegmentLocked(id uint64, first int, mbs []layout.Metablock
 	return discards
 }
 
+// metablocks returns metablocks [from, to) of a header block.
+func metablocks(hdr []byte, from, to int) []layout.Metablock {
+	mbs := make([]layout.Metablock, to-from)
+	for i := range mbs {
+		mbs[i] = layout.GetMetablock(hdr, from+i)
+	}
+	return mbs
+}
+
 // readSegment is the header copy recovery takes for a segment.
 type readSegment struct {
 	h   layout.SegmentHeader
@@ -393,13 +398,7 @@ func (e *Engine) dataCRCMatches(id uint64, h layout.SegmentHeader) (bool, error)
 	if _, err := e.cache.ReadAt(d, e.geo.DataBlockOffset(id, 0)); err != nil {
 		return false, fmt.Errorf("%w: read segment %d: %v", ErrIO, id, err)
 	}
-	crc := uint32(0)
-	for i, mb := range h.Metablocks {
-		if mb.Kind.HasData() {
-			crc = layout.UpdateDataCRC(crc, d[i*blockSize:(i+1)*blockSize])
-		}
-	}
-	return crc == h.DataCRC, nil
+	return h.ComputeDataCRC(d) == h.DataCRC, nil
 }
 
 // extendLastSegment writes the entries of the log's last segment that a
@@ -415,18 +414,14 @@ func (e *Engine) extendLastSegment(r readSegment, discards [][2]uint64) (bool, [
 			continue
 		}
 		ram := b.seg[:blockSize]
-		crc := uint32(0)
 		for i, mb := range h.Metablocks {
 			if layout.GetMetablock(ram, i) != mb {
 				klog.ErrorS(nil, "RAM buffer disagrees with the segment on the cache device; not replaying it",
 					"volume", e.name, "segment", id, "entry", i)
 				return false, discards, nil
 			}
-			if mb.Kind.HasData() {
-				crc = layout.UpdateDataCRC(crc, b.block(i))
-			}
 		}
-		if crc != h.DataCRC {
+		if h.ComputeDataCRC(b.seg[blockSize:]) != h.DataCRC {
 			klog.ErrorS(nil, "RAM buffer data disagrees with the segment on the cache device; not replaying it",
 				"volume", e.name, "segment", id)
 			return false, discards, nil
@@ -438,11 +433,7 @@ func (e *Engine) extendLastSegment(r readSegment, discards [][2]uint64) (bool, [
 		if err != nil {
 			return false, discards, fmt.Errorf("%w: replay RAM buffer: %v", ErrIO, err)
 		}
-		mbs := make([]layout.Metablock, count-h.Count)
-		for i := range mbs {
-			mbs[i] = layout.GetMetablock(ram, h.Count+i)
-		}
-		discards = append(discards, e.applySegmentLocked(id, h.Count, mbs)...)
+		discards = append(discards, e.applySegmentLocked(id, h.Count, metablocks(ram, h.Count, count))...)
 		return true, discards, nil
 	}
 	return false, discards, nil

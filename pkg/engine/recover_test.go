@@ -72,12 +72,7 @@ func TestRecoveryReadsLittle(t *testing.T) {
 	// Crash: drop everything not flushed, without Close.
 	fillCache(t, e, 0.02)
 	dirty = e.Status().NrDirtyCacheBlocks
-	e.mu.Lock()
-	e.mu.stop, e.mu.closed = true, true
-	e.cond.Broadcast()
-	e.mu.Unlock()
-	close(e.stopCh)
-	e.wg.Wait()
+	halt(e)
 	img := cache.CrashImage(blockdev.CrashDropAll, rand.New(rand.NewSource(1)))
 	e, crashed := openCounted(t, img, backing)
 	if got := e.Status().NrDirtyCacheBlocks; got != dirty {
@@ -135,16 +130,6 @@ func TestOpenRefuses(t *testing.T) {
 	if _, err := Open(Options{Cache: cache, Backing: blockdev.NewMem(16<<20, nil)}); !isErr(err, ErrCorrupt) && !isErr(err, ErrForeign) {
 		t.Fatalf("both copies torn: got %v, want ErrCorrupt", err)
 	}
-}
-
-// halt stops an engine as a power cut would: no Close, no clean checkpoint.
-func halt(e *Engine) {
-	e.mu.Lock()
-	e.mu.stop, e.mu.closed = true, true
-	e.cond.Broadcast()
-	e.mu.Unlock()
-	close(e.stopCh)
-	e.wg.Wait()
 }
 
 // TestPassedOverCopyStaysDead: a segment written by two flushes has two

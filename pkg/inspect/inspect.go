@@ -277,12 +277,13 @@ func chooseCopy(s *SegmentReport, seg []byte, id uint64, tag uint32, nd int, pre
 			continue
 		}
 		s.HeaderOK, s.HeaderCopy, s.Epoch, s.Count = true, h.Copy, h.Epoch, h.Count
-		s.DataCRCOK = dataCRC(seg[blockSize:], h) == h.DataCRC
+		crc := h.ComputeDataCRC(seg[blockSize:])
+		s.DataCRCOK = crc == h.DataCRC
 		if s.DataCRCOK {
 			s.Problem = ""
 			return h, sameID
 		}
-		s.Problem = fmt.Sprintf("header copy %d: data checksum %08x, header says %08x", h.Copy, dataCRC(seg[blockSize:], h), h.DataCRC)
+		s.Problem = fmt.Sprintf("header copy %d: data checksum %08x, header says %08x", h.Copy, crc, h.DataCRC)
 		if s.Durable {
 			return h, sameID
 		}
@@ -299,18 +300,6 @@ func chooseCopy(s *SegmentReport, seg []byte, id uint64, tag uint32, nd int, pre
 		}
 	}
 	return layout.SegmentHeader{}, sameID
-}
-
-// dataCRC is the data checksum of the data blocks h counts, from d (the
-// segment's data blocks).
-func dataCRC(d []byte, h layout.SegmentHeader) uint32 {
-	crc := uint32(0)
-	for i, mb := range h.Metablocks {
-		if mb.Kind.HasData() {
-			crc = layout.UpdateDataCRC(crc, d[i*blockSize:(i+1)*blockSize])
-		}
-	}
-	return crc
 }
 
 // Segment reads the segment with the given id from its slot, with every
@@ -331,11 +320,12 @@ func Segment(r io.ReaderAt, sb layout.Superblock, id uint64) (SegmentReport, err
 	// newer run's, then the longer one with valid data.
 	cands := layout.SegmentCandidates(seg[:blockSize], seg[len(seg)-blockSize:], id, tag, geo.DataBlocks())
 	var h layout.SegmentHeader
-	for i, c := range cands {
-		if i == 0 || dataCRC(seg[blockSize:], c) == c.DataCRC {
+	if len(cands) > 0 {
+		h = cands[0]
+	}
+	for _, c := range cands {
+		if c.ComputeDataCRC(seg[blockSize:]) == c.DataCRC {
 			h = c
-		}
-		if dataCRC(seg[blockSize:], c) == c.DataCRC {
 			break
 		}
 	}
@@ -354,7 +344,7 @@ func Segment(r io.ReaderAt, sb layout.Superblock, id uint64) (SegmentReport, err
 		}
 	}
 	s.HeaderOK, s.HeaderCopy, s.Epoch, s.Count = true, h.Copy, h.Epoch, h.Count
-	crc := dataCRC(seg[blockSize:], h)
+	crc := h.ComputeDataCRC(seg[blockSize:])
 	for i, mb := range h.Metablocks {
 		switch mb.Kind {
 		case layout.KindData:

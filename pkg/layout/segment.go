@@ -147,6 +147,20 @@ type SegmentHeader struct {
 	Copy       int         // which header copy it was read from (SegmentCandidates)
 }
 
+// ComputeDataCRC is the data checksum of the blocks h counts, taken from
+// data, which holds the segment's data blocks in order (block i at
+// i x BlockSize, as on the device after the header copy 0). Compare it
+// with h.DataCRC.
+func (h SegmentHeader) ComputeDataCRC(data []byte) uint32 {
+	var c uint32
+	for i, mb := range h.Metablocks {
+		if mb.Kind.HasData() {
+			c = UpdateDataCRC(c, data[i*BlockSize:(i+1)*BlockSize])
+		}
+	}
+	return c
+}
+
 // SegmentCandidates decodes the two header copies of a slot (copy0 at the
 // slot's first block, copy1 at its last) and returns those that are valid
 // headers of segment id of the cache with this tag, best first: the newer
