@@ -33,6 +33,10 @@ deps: ## Install system packages and pinned Go tools.
 test: ## Run every test with -race (installs what the tests need).
 	bash hack/test.sh
 
+.PHONY: e2e
+e2e: ## The chart on a real single-node Kubernetes built here (root; see hack/e2e).
+	bash hack/e2e/e2e.sh
+
 .PHONY: stress
 stress: ## Long crash sweeps and reference-model runs of the engine.
 	WRITEBOOST_STRESS=1 $(GO) test -race -run 'Crash|Model' -timeout 60m ./pkg/engine/

@@ -7,6 +7,8 @@ set -euo pipefail
 CSI_SANITY_VERSION=v5.4.0
 HELM_VERSION=v3.19.0
 STATICCHECK_VERSION=v0.6.1
+# make e2e pins Kubernetes in hack/e2e/env.sh and go-containerregistry (its
+# image assembler) in hack/e2e/images/go.mod; the sidecars follow the chart.
 
 APT_PACKAGES=(
 	libnbd-bin      # nbdinfo, nbdcopy, nbdfuse: NBD clients and the FUSE attach path
@@ -16,6 +18,9 @@ APT_PACKAGES=(
 	fio             # fio's nbd engine
 	fuse3           # fusermount3 for nbdfuse
 	e2fsprogs xfsprogs util-linux mount kmod
+	# make e2e (hack/e2e): a single-node Kubernetes and images without Docker
+	etcd-server containerd runc containernetworking-plugins iptables conntrack openssl
+	mmdebstrap      # the plugin image's Debian root filesystem (the Dockerfile's runtime stage)
 )
 
 SUDO=""
