@@ -170,6 +170,8 @@ func (d *Driver) Serve(ctx context.Context, cfg Config) error {
 		// the others are served.
 		klog.ErrorS(err, "Some staged volumes were not re-adopted")
 	}
+	d.startPools()
+	defer d.closePools()
 	if network == "unix" {
 		if err := os.MkdirAll(filepath.Dir(addr), 0o750); err != nil {
 			return err
@@ -190,7 +192,7 @@ func (d *Driver) Serve(ctx context.Context, cfg Config) error {
 	var https []*http.Server
 	if cfg.MetricsAddress != "" {
 		reg := prometheus.NewRegistry()
-		reg.MustRegister(metrics.NewCollector(d.opts.NodeID, d.statuses))
+		reg.MustRegister(metrics.NewCollector(d.opts.NodeID, d.statuses).WithPools(d.poolWipes))
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 		https = append(https, &http.Server{Addr: cfg.MetricsAddress, Handler: mux, ReadHeaderTimeout: 10 * time.Second})

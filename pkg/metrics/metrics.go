@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/writeboost-csi/writeboost-csi/pkg/engine"
+	"github.com/writeboost-csi/writeboost-csi/pkg/pool"
 )
 
 // Source lists the running volumes and their status.
@@ -16,10 +17,16 @@ type Source func() map[string]engine.Status
 // blockSize is the engine's cache block.
 const blockSize = 4096
 
+// PoolSource reports the pools' background wipes by pool role (hdd, nvme).
+type PoolSource func() map[string]pool.WipeStatus
+
 // Collector is a prometheus.Collector over a Source.
 type Collector struct {
-	node string
-	src  Source
+	node  string
+	src   Source
+	pools PoolSource
+
+	wipePending, wiped *prometheus.Desc
 
 	dirty, cacheSize, backingSize, readHit, writeHit, wbRate, wbLag, util *prometheus.Desc
 	wbBytes, flushes, flushSeconds, ioErrors                              *prometheus.Desc
@@ -44,19 +51,35 @@ func NewCollector(node string, src Source) *Collector {
 		flushes:      d("flushes_total", "Flushes (FLUSH/FUA group commits) completed."),
 		flushSeconds: d("flush_latency_seconds_total", "Total time spent in flushes; divide by writeboost_flushes_total for the mean latency."),
 		ioErrors:     d("io_errors_total", "I/O errors seen on a device.", "device"),
+		wipePending: prometheus.NewDesc("writeboost_pool_wipe_pending_bytes",
+			"Bytes of deleted volumes (or adopted free space) still being zeroed; they are not free for new volumes until wiped.", []string{"pool", "node"}, nil),
+		wiped: prometheus.NewDesc("writeboost_pool_wiped_bytes_total",
+			"Bytes zeroed and handed back to the pool by its wiper since the plugin started.", []string{"pool", "node"}, nil),
 	}
+}
+
+// WithPools adds the pools' wipe figures.
+func (c *Collector) WithPools(p PoolSource) *Collector {
+	c.pools = p
+	return c
 }
 
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.dirty, c.cacheSize, c.backingSize, c.readHit, c.writeHit, c.wbRate,
-		c.wbLag, c.util, c.wbBytes, c.flushes, c.flushSeconds, c.ioErrors} {
+		c.wbLag, c.util, c.wbBytes, c.flushes, c.flushSeconds, c.ioErrors, c.wipePending, c.wiped} {
 		ch <- d
 	}
 }
 
 // Collect implements prometheus.Collector.
 func (c *Collector) Collect(ch chan<- prometheus.Metric) {
+	if c.pools != nil {
+		for role, w := range c.pools() {
+			ch <- prometheus.MustNewConstMetric(c.wipePending, prometheus.GaugeValue, float64(w.PendingBytes), role, c.node)
+			ch <- prometheus.MustNewConstMetric(c.wiped, prometheus.CounterValue, float64(w.WipedBytes), role, c.node)
+		}
+	}
 	for vol, s := range c.src() {
 		g := func(d *prometheus.Desc, v float64, extra ...string) {
 			ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, append([]string{vol, c.node}, extra...)...)

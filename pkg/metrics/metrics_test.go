@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/writeboost-csi/writeboost-csi/pkg/engine"
+	"github.com/writeboost-csi/writeboost-csi/pkg/pool"
 )
 
 func TestCollector(t *testing.T) {
@@ -31,6 +32,25 @@ writeboost_io_errors_total{device="cache",node="node-a",volume="vol-1"} 1
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "writeboost_dirty_bytes",
 		"writeboost_writeback_lag_segments", "writeboost_io_errors_total"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestCollectorPools(t *testing.T) {
+	c := NewCollector("node-a", func() map[string]engine.Status { return nil }).WithPools(func() map[string]pool.WipeStatus {
+		return map[string]pool.WipeStatus{"hdd": {PendingBytes: 1 << 30, WipedBytes: 4096}}
+	})
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(c)
+	want := `
+# HELP writeboost_pool_wipe_pending_bytes Bytes of deleted volumes (or adopted free space) still being zeroed; they are not free for new volumes until wiped.
+# TYPE writeboost_pool_wipe_pending_bytes gauge
+writeboost_pool_wipe_pending_bytes{node="node-a",pool="hdd"} 1.073741824e+09
+# HELP writeboost_pool_wiped_bytes_total Bytes zeroed and handed back to the pool by its wiper since the plugin started.
+# TYPE writeboost_pool_wiped_bytes_total counter
+writeboost_pool_wiped_bytes_total{node="node-a",pool="hdd"} 4096
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "writeboost_pool_wipe_pending_bytes", "writeboost_pool_wiped_bytes_total"); err != nil {
 		t.Fatal(err)
 	}
 }

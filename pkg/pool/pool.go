@@ -11,6 +11,13 @@
 // The LVM kind keeps each volume as a fully allocated logical volume in a
 // volume group, through the lvm tools (lvm.go); capacity is the group's
 // free space as vgs reports it.
+//
+// Neither kind ever hands out a previous tenant's data. A new file is
+// all holes or unwritten extents, which read as zeros, and a deleted file
+// gives its blocks back to the filesystem, which zeroes them for the next
+// owner; a file is only reused by a retry of the same Create. LVM extents
+// keep their bytes when an LV is removed, so the LVM pool wipes deleted
+// volumes in the background before their space is free again (lvm.go).
 package pool
 
 import (
@@ -43,6 +50,12 @@ type Config struct {
 	Kind        string `json:"kind"`
 	Path        string `json:"path,omitempty"`
 	VolumeGroup string `json:"volumeGroup,omitempty"`
+	// ZeroFreeSpace (LVM; default true) wipes the volume group's free
+	// space in the background when the pool first adopts the group, so
+	// no volume ever gets extents holding older data. Set it to false only
+	// when the free space is known to read as zeros (a new group on
+	// blkdiscard'ed SSDs whose discards zero).
+	ZeroFreeSpace *bool `json:"zeroFreeSpace,omitempty"`
 }
 
 // Pool hands out volumes by name.
@@ -67,6 +80,9 @@ type Pool interface {
 func New(c Config) (Pool, error) {
 	switch c.Kind {
 	case KindDirectory, "":
+		if c.ZeroFreeSpace != nil {
+			return nil, errors.New("pool: zeroFreeSpace is an option of lvm pools (a directory pool never reuses data)")
+		}
 		if c.Path == "" {
 			return nil, errors.New("pool: directory pool needs a path")
 		}
@@ -78,7 +94,7 @@ func New(c Config) (Pool, error) {
 		if c.VolumeGroup == "" {
 			return nil, errors.New("pool: lvm pool needs a volumeGroup")
 		}
-		return &LVM{VG: c.VolumeGroup}, nil
+		return &LVM{VG: c.VolumeGroup, ZeroFreeSpace: c.ZeroFreeSpace == nil || *c.ZeroFreeSpace}, nil
 	default:
 		return nil, fmt.Errorf("pool: unknown kind %q (allowed: %s, %s)", c.Kind, KindDirectory, KindLVM)
 	}

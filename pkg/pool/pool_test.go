@@ -1,10 +1,13 @@
 package pool
 
 import (
+	"bytes"
 	"errors"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/writeboost-csi/writeboost-csi/test/testenv"
@@ -88,5 +91,90 @@ func TestCapacityIsReal(t *testing.T) {
 	p.Delete("a")
 	if c, _ := p.Capacity(); c < before-4096 {
 		t.Fatalf("capacity not returned: %d < %d", c, before)
+	}
+}
+
+// TestDirectoryNoPreviousTenantData: a new volume reads as zeros even
+// where it takes the name, the leftover temporary file or the blocks of
+// a deleted volume that was full of data.
+func TestDirectoryNoPreviousTenantData(t *testing.T) {
+	dir := t.TempDir()
+	p, err := New(Config{Kind: KindDirectory, Path: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const size = 4 << 20
+	junk := bytes.Repeat([]byte{0xAA}, size)
+	path, err := p.Create("v", size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, junk, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Delete("v"); err != nil {
+		t.Fatal(err)
+	}
+	// A crash mid-Create left a temporary file full of data.
+	if err := os.WriteFile(filepath.Join(dir, "v.img.tmp"), junk, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	path, err = p.Create("v", size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Expand("v", 2*size); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(b) != 2*size {
+		t.Fatalf("size %d", len(b))
+	}
+	if i := bytes.IndexFunc(b, func(r rune) bool { return r != 0 }); i >= 0 {
+		t.Fatalf("new volume shows old data at byte %d", i)
+	}
+}
+
+// TestZeroRangeDevice zeroes part of a real block device (a loop device
+// over a file full of data) and of a file, as the LVM wiper does.
+func TestZeroRangeDevice(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireTools(t, "losetup")
+	img := filepath.Join(t.TempDir(), "disk.img")
+	const size = 8 << 20
+	if err := os.WriteFile(img, bytes.Repeat([]byte{0xEE}, size), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("losetup", "--find", "--show", img).Output()
+	if err != nil {
+		testenv.Skipf(t, "losetup: %v", err)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
+	for _, path := range []string{dev, img} {
+		method, err := ZeroRange(path, 1<<20, 3<<20)
+		if err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		f, err := os.Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b := make([]byte, size)
+		_, err = io.ReadFull(f, b)
+		f.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, c := range b {
+			zero := i >= 1<<20 && i < 4<<20
+			if (c == 0) != zero {
+				t.Fatalf("%s (%s): byte %d is %#x", path, method, i, c)
+			}
+		}
+		t.Logf("%s zeroed by %s", path, method)
 	}
 }
