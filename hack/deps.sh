@@ -23,6 +23,12 @@ APT_PACKAGES=(
 	mmdebstrap      # the plugin image's Debian root filesystem (the Dockerfile's runtime stage)
 )
 
+# make bench-vm (hack/bench-vm.sh): the kernel's own caches in the VM, and
+# building dm-writeboost's module against the VM kernel's headers.
+if [ "${WITH_BENCH_VM:-0}" = 1 ]; then
+	APT_PACKAGES+=(bcache-tools dmsetup nbd-client gcc make libelf1 linux-perf)
+fi
+
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 missing=()

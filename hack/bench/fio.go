@@ -146,9 +146,14 @@ func runFio(ctx context.Context, uri string, size int64, runtime, ramp time.Dura
 			fmt.Sprintf("--ramp_time=%ds", int(ramp.Seconds())))
 	}
 	args = append(args, extra...)
-	res := FioResult{CommandLine: "fio " + joinArgs(args)}
 	// A stuck server must not stall the whole run: allow twice the job.
-	limit := 2*(runtime+ramp) + 90*time.Second
+	return execFio(ctx, args, 2*(runtime+ramp)+90*time.Second)
+}
+
+// execFio runs fio with args (which must ask for JSON output) and parses
+// what it printed, within limit.
+func execFio(ctx context.Context, args []string, limit time.Duration) FioResult {
+	res := FioResult{CommandLine: "fio " + joinArgs(args)}
 	cctx, cancel := context.WithTimeout(ctx, limit)
 	defer cancel()
 	cmd := exec.CommandContext(cctx, "fio", args...)
