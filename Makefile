@@ -49,6 +49,10 @@ fuzz: ## Fuzz every decoder for a while (FUZZTIME each, default 30s).
 bench: ## Benchmarks against peers; regenerates docs/benchmarks.md.
 	bash hack/bench.sh
 
+.PHONY: bench-vm
+bench-vm: ## dm-writeboost, dm-writecache, bcache in the real-kernel VM; regenerates its part of docs/benchmarks.md.
+	bash hack/bench-vm.sh
+
 ##@ Lint
 .PHONY: lint
 lint: ## gofmt, go vet and staticcheck.

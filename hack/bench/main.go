@@ -80,6 +80,20 @@ type WlInfo struct {
 
 func main() {
 	klog.InitFlags(nil)
+	// Subcommands of make bench-vm (hack/bench-vm.sh).
+	if len(os.Args) > 1 {
+		sub := map[string]func([]string) error{"nbd-serve": nbdServeMain, "vm": vmMain, "vm-render": vmRenderMain, "vm-disk": vmDiskMain}
+		if f, ok := sub[os.Args[1]]; ok {
+			err := f(os.Args[2:])
+			klog.Flush()
+			if err != nil {
+				klog.ErrorS(err, os.Args[1]+" failed")
+				klog.Flush()
+				os.Exit(1)
+			}
+			return
+		}
+	}
 	out := flag.String("out", "docs", "directory receiving benchmarks.md and benchmarks/")
 	runtime := flag.Duration("runtime", 8*time.Second, "fio measured time per job")
 	ramp := flag.Duration("ramp", 2*time.Second, "fio ramp time per job (not measured)")
@@ -323,6 +337,18 @@ func writeOutputs(res *Results, out string) error {
 		return fmt.Errorf("write results: %w", err)
 	}
 	page := renderPage(res, charts)
+	// The real-kernel section comes from make bench-vm's last run.
+	vm, err := loadVMResults(out)
+	if err != nil {
+		return err
+	}
+	if vm != nil {
+		vmCharts, err := drawVMCharts(vm, filepath.Join(chartDir, "vm"))
+		if err != nil {
+			return fmt.Errorf("vm charts: %w", err)
+		}
+		page = insertVMSection(page, renderVMSection(vm, vmCharts))
+	}
 	if err := os.WriteFile(filepath.Join(out, "benchmarks.md"), []byte(page), 0o644); err != nil {
 		return fmt.Errorf("write page: %w", err)
 	}
