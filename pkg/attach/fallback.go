@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"k8s.io/klog/v2"
+
+	"github.com/writeboost-csi/writeboost-csi/pkg/nbdproto"
 )
 
 // The fallback path, for kernels without nbd (these machines, CI):
@@ -64,7 +66,7 @@ func attachFallback(ctx context.Context, o Options) (_ *Attachment, err error) {
 		return nil, err
 	}
 	c.Close()
-	if info.Flags&FlagSendFlush == 0 {
+	if info.Flags&nbdproto.FlagSendFlush == 0 {
 		klog.InfoS("Server does not advertise flush: fsync on the device will not reach it", "socket", o.Socket)
 	}
 

@@ -1,6 +1,10 @@
 package attach
 
-import "fmt"
+import (
+	"fmt"
+
+	"github.com/writeboost-csi/writeboost-csi/pkg/nbdproto"
+)
 
 // kernelServerFlags computes NBD_ATTR_SERVER_FLAGS (or the NBD_SET_FLAGS
 // argument) from the transmission flags the server really advertised. The
@@ -11,13 +15,13 @@ import "fmt"
 // the server did not advertise would make the kernel send commands the server
 // must reject, so nothing is added except READ_ONLY on request.
 func kernelServerFlags(advertised uint16, readOnly bool) (uint64, error) {
-	if advertised&FlagHasFlags == 0 {
+	if advertised&nbdproto.FlagHasFlags == 0 {
 		// The protocol requires HAS_FLAGS; without it no other bit means anything.
 		return 0, fmt.Errorf("server transmission flags %#x lack NBD_FLAG_HAS_FLAGS", advertised)
 	}
 	f := uint64(advertised)
 	if readOnly {
-		f |= uint64(FlagReadOnly)
+		f |= uint64(nbdproto.FlagReadOnly)
 	}
 	return f, nil
 }
@@ -28,7 +32,7 @@ func kernelServerFlags(advertised uint16, readOnly bool) (uint64, error) {
 // CAN_MULTI_CONN (a FLUSH on one connection covers writes on all), and the
 // kernel refuses them otherwise.
 func connectionCount(advertised uint16, requested, ncpu int) int {
-	if advertised&FlagCanMultiConn == 0 {
+	if advertised&nbdproto.FlagCanMultiConn == 0 {
 		return 1
 	}
 	n := requested
@@ -55,13 +59,13 @@ const maxConnections = 16
 // not advertise it, for the attach log.
 func missingFeatures(advertised uint16) []string {
 	var m []string
-	if advertised&FlagSendFlush == 0 {
+	if advertised&nbdproto.FlagSendFlush == 0 {
 		m = append(m, "flush (fsync is not passed to the server)")
 	}
-	if advertised&FlagSendFUA == 0 {
+	if advertised&nbdproto.FlagSendFUA == 0 {
 		m = append(m, "fua")
 	}
-	if advertised&FlagSendTrim == 0 {
+	if advertised&nbdproto.FlagSendTrim == 0 {
 		m = append(m, "trim")
 	}
 	return m

@@ -1,22 +1,26 @@
 package attach
 
-import "testing"
+import (
+	"testing"
+
+	"github.com/writeboost-csi/writeboost-csi/pkg/nbdproto"
+)
 
 func TestKernelServerFlags(t *testing.T) {
-	adv := FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagSendTrim | FlagSendWriteZeroes | FlagCanMultiConn
+	adv := nbdproto.FlagHasFlags | nbdproto.FlagSendFlush | nbdproto.FlagSendFUA | nbdproto.FlagSendTrim | nbdproto.FlagSendWriteZeroes | nbdproto.FlagCanMultiConn
 	got, err := kernelServerFlags(adv, false)
 	if err != nil || got != uint64(adv) {
 		t.Fatalf("flags = %#x, %v; want exactly the advertised %#x", got, err, adv)
 	}
 	// Nothing the server did not promise, except READ_ONLY on request.
-	got, err = kernelServerFlags(FlagHasFlags|FlagSendFlush, true)
-	if err != nil || got != uint64(FlagHasFlags|FlagSendFlush|FlagReadOnly) {
+	got, err = kernelServerFlags(nbdproto.FlagHasFlags|nbdproto.FlagSendFlush, true)
+	if err != nil || got != uint64(nbdproto.FlagHasFlags|nbdproto.FlagSendFlush|nbdproto.FlagReadOnly) {
 		t.Fatalf("read-only flags = %#x, %v", got, err)
 	}
-	if _, err := kernelServerFlags(FlagSendFlush, false); err == nil {
+	if _, err := kernelServerFlags(nbdproto.FlagSendFlush, false); err == nil {
 		t.Fatal("flags without HAS_FLAGS accepted")
 	}
-	if m := missingFeatures(FlagHasFlags | FlagSendFUA | FlagSendTrim); len(m) != 1 {
+	if m := missingFeatures(nbdproto.FlagHasFlags | nbdproto.FlagSendFUA | nbdproto.FlagSendTrim); len(m) != 1 {
 		t.Fatalf("missing = %v; want only flush", m)
 	}
 }
@@ -27,12 +31,12 @@ func TestConnectionCount(t *testing.T) {
 		requested, ncpu int
 		want            int
 	}{
-		{FlagHasFlags, 8, 8, 1}, // no CAN_MULTI_CONN: the kernel would refuse more
-		{FlagHasFlags | FlagCanMultiConn, 0, 2, 2},
-		{FlagHasFlags | FlagCanMultiConn, 0, 64, 4},
-		{FlagHasFlags | FlagCanMultiConn, 3, 64, 3},
-		{FlagHasFlags | FlagCanMultiConn, 1000, 2, maxConnections},
-		{FlagHasFlags | FlagCanMultiConn, 0, 0, 1},
+		{nbdproto.FlagHasFlags, 8, 8, 1}, // no CAN_MULTI_CONN: the kernel would refuse more
+		{nbdproto.FlagHasFlags | nbdproto.FlagCanMultiConn, 0, 2, 2},
+		{nbdproto.FlagHasFlags | nbdproto.FlagCanMultiConn, 0, 64, 4},
+		{nbdproto.FlagHasFlags | nbdproto.FlagCanMultiConn, 3, 64, 3},
+		{nbdproto.FlagHasFlags | nbdproto.FlagCanMultiConn, 1000, 2, maxConnections},
+		{nbdproto.FlagHasFlags | nbdproto.FlagCanMultiConn, 0, 0, 1},
 	} {
 		if got := connectionCount(c.flags, c.requested, c.ncpu); got != c.want {
 			t.Errorf("connectionCount(%#x, %d, %d) = %d; want %d", c.flags, c.requested, c.ncpu, got, c.want)
@@ -42,14 +46,14 @@ func TestConnectionCount(t *testing.T) {
 
 func TestChooseBlockSize(t *testing.T) {
 	for _, c := range []struct {
-		info ExportInfo
+		info nbdproto.ExportInfo
 		want uint64
 	}{
-		{ExportInfo{Size: 1 << 30}, 4096},
-		{ExportInfo{Size: 1 << 30, MinBlock: 512, PrefBlock: 4096, MaxBlock: 32 << 20}, 4096},
-		{ExportInfo{Size: 1<<30 + 512}, 512},             // size not a 4K multiple
-		{ExportInfo{Size: 1 << 30, MinBlock: 8192}, 512}, // odd server; let the kernel's checks speak
-		{ExportInfo{Size: 1 << 30, MaxBlock: 1024}, 512},
+		{nbdproto.ExportInfo{Size: 1 << 30}, 4096},
+		{nbdproto.ExportInfo{Size: 1 << 30, MinBlock: 512, PrefBlock: 4096, MaxBlock: 32 << 20}, 4096},
+		{nbdproto.ExportInfo{Size: 1<<30 + 512}, 512},             // size not a 4K multiple
+		{nbdproto.ExportInfo{Size: 1 << 30, MinBlock: 8192}, 512}, // odd server; let the kernel's checks speak
+		{nbdproto.ExportInfo{Size: 1 << 30, MaxBlock: 1024}, 512},
 	} {
 		if got := chooseBlockSize(c.info); got != c.want {
 			t.Errorf("chooseBlockSize(%+v) = %d; want %d", c.info, got, c.want)

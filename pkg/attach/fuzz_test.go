@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/mdlayher/netlink"
+
+	"github.com/writeboost-csi/writeboost-csi/pkg/nbdproto"
 )
 
 // The fuzz targets cover what this package reads from outside: netlink
@@ -117,39 +119,39 @@ func FuzzDecodeIndex(f *testing.F) {
 
 // serverStream is what a well-behaved server sends a client doing OPT_GO:
 // greeting, NBD_INFO_EXPORT, NBD_INFO_BLOCK_SIZE, ACK.
-func serverStream(info ExportInfo) []byte {
-	b := binary.BigEndian.AppendUint64(nil, nbdMagic)
-	b = binary.BigEndian.AppendUint64(b, nbdIHaveOpt)
-	b = binary.BigEndian.AppendUint16(b, flagFixedNewstyle|flagNoZeroes)
+func serverStream(info nbdproto.ExportInfo) []byte {
+	b := binary.BigEndian.AppendUint64(nil, nbdproto.MagicNBD)
+	b = binary.BigEndian.AppendUint64(b, nbdproto.MagicOption)
+	b = binary.BigEndian.AppendUint16(b, nbdproto.FlagFixedNewstyle|nbdproto.FlagNoZeroes)
 	reply := func(typ uint32, body []byte) {
-		b = binary.BigEndian.AppendUint64(b, nbdOptReplyMagic)
-		b = binary.BigEndian.AppendUint32(b, optGo)
+		b = binary.BigEndian.AppendUint64(b, nbdproto.MagicOptReply)
+		b = binary.BigEndian.AppendUint32(b, nbdproto.OptGo)
 		b = binary.BigEndian.AppendUint32(b, typ)
 		b = binary.BigEndian.AppendUint32(b, uint32(len(body)))
 		b = append(b, body...)
 	}
-	reply(repInfo, exportInfo(info.Size, info.Flags))
-	bs := binary.BigEndian.AppendUint16(nil, infoBlkSize)
+	reply(nbdproto.RepInfo, exportInfo(info.Size, info.Flags))
+	bs := binary.BigEndian.AppendUint16(nil, nbdproto.InfoBlockSize)
 	bs = binary.BigEndian.AppendUint32(bs, info.MinBlock)
 	bs = binary.BigEndian.AppendUint32(bs, info.PrefBlock)
 	bs = binary.BigEndian.AppendUint32(bs, info.MaxBlock)
-	reply(repInfo, bs)
-	reply(repAck, nil)
+	reply(nbdproto.RepInfo, bs)
+	reply(nbdproto.RepAck, nil)
 	return b
 }
 
 // expectHandshake is an independent reading of the protocol document: what
 // a client doing OPT_GO should make of the server's bytes.
-func expectHandshake(b []byte) (ExportInfo, bool) {
-	var info ExportInfo
-	if len(b) < 18 || binary.BigEndian.Uint64(b) != nbdMagic || binary.BigEndian.Uint64(b[8:]) != nbdIHaveOpt ||
-		binary.BigEndian.Uint16(b[16:])&flagFixedNewstyle == 0 {
+func expectHandshake(b []byte) (nbdproto.ExportInfo, bool) {
+	var info nbdproto.ExportInfo
+	if len(b) < 18 || binary.BigEndian.Uint64(b) != nbdproto.MagicNBD || binary.BigEndian.Uint64(b[8:]) != nbdproto.MagicOption ||
+		binary.BigEndian.Uint16(b[16:])&nbdproto.FlagFixedNewstyle == 0 {
 		return info, false
 	}
 	b = b[18:]
 	got := false
 	for {
-		if len(b) < 20 || binary.BigEndian.Uint64(b) != nbdOptReplyMagic || binary.BigEndian.Uint32(b[8:]) != optGo {
+		if len(b) < 20 || binary.BigEndian.Uint64(b) != nbdproto.MagicOptReply || binary.BigEndian.Uint32(b[8:]) != nbdproto.OptGo {
 			return info, false
 		}
 		typ, n := binary.BigEndian.Uint32(b[12:]), binary.BigEndian.Uint32(b[16:])
@@ -159,21 +161,21 @@ func expectHandshake(b []byte) (ExportInfo, bool) {
 		body := b[20 : 20+n]
 		b = b[20+n:]
 		switch {
-		case typ == repAck:
+		case typ == nbdproto.RepAck:
 			return info, got
-		case typ&repErrBit != 0:
+		case typ&nbdproto.RepErrBit != 0:
 			return info, false
-		case typ == repInfo:
+		case typ == nbdproto.RepInfo:
 			if len(body) < 2 {
 				return info, false
 			}
 			switch binary.BigEndian.Uint16(body) {
-			case infoExport:
+			case nbdproto.InfoExport:
 				if len(body) != 12 {
 					return info, false
 				}
 				info.Size, info.Flags, got = binary.BigEndian.Uint64(body[2:]), binary.BigEndian.Uint16(body[10:]), true
-			case infoBlkSize:
+			case nbdproto.InfoBlockSize:
 				if len(body) != 14 {
 					return info, false
 				}
@@ -184,7 +186,7 @@ func expectHandshake(b []byte) (ExportInfo, bool) {
 }
 
 // runHandshake plays b as the server's side of a connection to handshake.
-func runHandshake(t *testing.T, b []byte) (ExportInfo, error) {
+func runHandshake(t *testing.T, b []byte) (nbdproto.ExportInfo, error) {
 	cli, srv := net.Pipe()
 	done := make(chan struct{})
 	go func() {
@@ -200,17 +202,17 @@ func runHandshake(t *testing.T, b []byte) (ExportInfo, error) {
 }
 
 func FuzzHandshake(f *testing.F) {
-	f.Add(serverStream(ExportInfo{Size: 1 << 30, Flags: FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagCanMultiConn,
+	f.Add(serverStream(nbdproto.ExportInfo{Size: 1 << 30, Flags: nbdproto.FlagHasFlags | nbdproto.FlagSendFlush | nbdproto.FlagSendFUA | nbdproto.FlagCanMultiConn,
 		MinBlock: 1, PrefBlock: 4096, MaxBlock: 32 << 20}))
-	f.Add(serverStream(ExportInfo{Size: 4096, Flags: FlagHasFlags | FlagReadOnly}))
-	good := serverStream(ExportInfo{Size: 1 << 20, Flags: FlagHasFlags})
+	f.Add(serverStream(nbdproto.ExportInfo{Size: 4096, Flags: nbdproto.FlagHasFlags | nbdproto.FlagReadOnly}))
+	good := serverStream(nbdproto.ExportInfo{Size: 1 << 20, Flags: nbdproto.FlagHasFlags})
 	f.Add(good[:18])
 	f.Add(good[:len(good)-1])
 	noExport := append(bytes.Clone(good[:18]), good[18+20+12:]...)
 	f.Add(noExport)
-	refused := binary.BigEndian.AppendUint64(bytes.Clone(good[:18]), nbdOptReplyMagic)
-	refused = binary.BigEndian.AppendUint32(refused, optGo)
-	refused = binary.BigEndian.AppendUint32(refused, repErrBit|6)
+	refused := binary.BigEndian.AppendUint64(bytes.Clone(good[:18]), nbdproto.MagicOptReply)
+	refused = binary.BigEndian.AppendUint32(refused, nbdproto.OptGo)
+	refused = binary.BigEndian.AppendUint32(refused, nbdproto.RepErrBit|6)
 	refused = binary.BigEndian.AppendUint32(refused, 5)
 	f.Add(append(refused, "nope!"...))
 	f.Fuzz(func(t *testing.T, b []byte) {
@@ -245,28 +247,28 @@ func (r *rw) Write(p []byte) (int, error) { return r.Buffer.Write(p) }
 // only a stream holding OPT_GO; and checks that what the relay encodes for
 // an export is what the client decodes.
 func FuzzRelayHandshake(f *testing.F) {
-	goReq := encodeGo(clientFixed|clientNoZeroes, "")
-	f.Add(goReq, uint64(1<<30), FlagHasFlags|FlagSendFlush|FlagCanMultiConn)
-	info := binary.BigEndian.AppendUint32(nil, clientFixed)
-	info = binary.BigEndian.AppendUint64(info, nbdIHaveOpt)
-	info = binary.BigEndian.AppendUint32(info, optInfo)
+	goReq := encodeGo(nbdproto.ClientFixedNewstyle|nbdproto.ClientNoZeroes, "")
+	f.Add(goReq, uint64(1<<30), nbdproto.FlagHasFlags|nbdproto.FlagSendFlush|nbdproto.FlagCanMultiConn)
+	info := binary.BigEndian.AppendUint32(nil, nbdproto.ClientFixedNewstyle)
+	info = binary.BigEndian.AppendUint64(info, nbdproto.MagicOption)
+	info = binary.BigEndian.AppendUint32(info, nbdproto.OptInfo)
 	info = binary.BigEndian.AppendUint32(info, 0)
-	f.Add(append(info, goReq[4:]...), uint64(4096), FlagHasFlags|FlagReadOnly)
-	abort := binary.BigEndian.AppendUint32(nil, clientFixed)
-	abort = binary.BigEndian.AppendUint64(abort, nbdIHaveOpt)
-	abort = binary.BigEndian.AppendUint32(abort, optAbort)
+	f.Add(append(info, goReq[4:]...), uint64(4096), nbdproto.FlagHasFlags|nbdproto.FlagReadOnly)
+	abort := binary.BigEndian.AppendUint32(nil, nbdproto.ClientFixedNewstyle)
+	abort = binary.BigEndian.AppendUint64(abort, nbdproto.MagicOption)
+	abort = binary.BigEndian.AppendUint32(abort, nbdproto.OptAbort)
 	abort = binary.BigEndian.AppendUint32(abort, 0)
 	f.Add(abort, uint64(0), uint16(0))
 	f.Add(goReq[:10], uint64(1), uint16(0xffff))
 	f.Fuzz(func(t *testing.T, client []byte, size uint64, flags uint16) {
-		r := &relay{down: &rw{Reader: bytes.NewReader(client)}, info: ExportInfo{Size: size, Flags: flags}}
-		if err := r.serverHandshake(); err == nil && !bytes.Contains(client, binary.BigEndian.AppendUint32(nil, optGo)) {
+		r := &relay{down: &rw{Reader: bytes.NewReader(client)}, info: nbdproto.ExportInfo{Size: size, Flags: flags}}
+		if err := r.serverHandshake(); err == nil && !bytes.Contains(client, binary.BigEndian.AppendUint32(nil, nbdproto.OptGo)) {
 			t.Fatalf("relay finished a handshake without OPT_GO in %x", client)
 		}
 
 		// Round trip: the relay's replies, read by this package's client.
 		cli, srv := net.Pipe()
-		r = &relay{down: srv, info: ExportInfo{Size: size, Flags: flags}}
+		r = &relay{down: srv, info: nbdproto.ExportInfo{Size: size, Flags: flags}}
 		errc := make(chan error, 1)
 		go func() { errc <- r.serverHandshake(); srv.Close() }()
 		got, err := handshake(cli, "", time.Now().Add(5*time.Second))
@@ -274,7 +276,7 @@ func FuzzRelayHandshake(f *testing.F) {
 		if rerr := <-errc; err != nil || rerr != nil {
 			t.Fatalf("relay handshake: client %v, relay %v", err, rerr)
 		}
-		if want := (ExportInfo{Size: size, Flags: relayFlags(flags)}); got != want {
+		if want := (nbdproto.ExportInfo{Size: size, Flags: relayFlags(flags)}); got != want {
 			t.Fatalf("relay sent %+v, client read %+v", want, got)
 		}
 	})
@@ -303,7 +305,7 @@ func FuzzStateName(f *testing.F) {
 
 func FuzzLoadState(f *testing.F) {
 	good, err := json.MarshalIndent(&state{Attachment: Attachment{Device: "/dev/loop3", Method: MethodFallback, VolumeID: "vol-1",
-		Socket: "/run/wb/vol-1.sock", Export: "vol-1", Size: 1 << 30, Flags: FlagHasFlags | FlagSendFlush, Connections: 1, Detail: "direct-io"},
+		Socket: "/run/wb/vol-1.sock", Export: "vol-1", Size: 1 << 30, Flags: nbdproto.FlagHasFlags | nbdproto.FlagSendFlush, Connections: 1, Detail: "direct-io"},
 		MountDir: "/var/lib/wb/fuse/vol-1", BackingFile: "/var/lib/wb/fuse/vol-1/nbd", NbdfusePID: 4242}, "", "  ")
 	if err != nil {
 		f.Fatal(err)
@@ -386,34 +388,34 @@ type relayModelReq struct {
 // that is malformed, truncated or for a handle not awaiting one.
 func expectRelay(down, up []byte) []byte {
 	inflight := map[uint64]relayModelReq{}
-	for len(down) >= 28 && binary.BigEndian.Uint32(down) == reqMagic {
+	for len(down) >= 28 && binary.BigEndian.Uint32(down) == nbdproto.MagicRequest {
 		q := relayModelReq{typ: binary.BigEndian.Uint16(down[6:]), length: binary.BigEndian.Uint32(down[24:])}
 		handle := binary.BigEndian.Uint64(down[8:])
 		n := 28
-		if q.typ == cmdWrite {
-			if q.length > maxPayload || uint64(len(down)-28) < uint64(q.length) {
+		if q.typ == nbdproto.CmdWrite {
+			if q.length > nbdproto.MaxPayload || uint64(len(down)-28) < uint64(q.length) {
 				break
 			}
 			n += int(q.length)
 		}
-		if q.typ == cmdRead && q.length > maxPayload {
+		if q.typ == nbdproto.CmdRead && q.length > nbdproto.MaxPayload {
 			break
 		}
 		down = down[n:]
-		if q.typ == cmdDisc {
+		if q.typ == nbdproto.CmdDisc {
 			break
 		}
 		inflight[handle] = q
 	}
 	var out []byte
-	for len(up) >= 16 && binary.BigEndian.Uint32(up) == simpleMagic {
+	for len(up) >= 16 && binary.BigEndian.Uint32(up) == nbdproto.MagicReply {
 		handle := binary.BigEndian.Uint64(up[8:])
 		q, ok := inflight[handle]
 		if !ok {
 			break
 		}
 		n := 16
-		if q.typ == cmdRead && binary.BigEndian.Uint32(up[4:]) == 0 {
+		if q.typ == nbdproto.CmdRead && binary.BigEndian.Uint32(up[4:]) == 0 {
 			if uint64(len(up)-16) < uint64(q.length) {
 				break
 			}
@@ -432,16 +434,16 @@ func expectRelay(down, up []byte) []byte {
 // read payloads of the requested length, and stop at anything else
 // rather than forward a torn or unasked-for reply.
 func FuzzRelayTransmission(f *testing.F) {
-	reqs := append(nbdRequest(cmdWrite, 1, 0, 4, []byte("abcd")), nbdRequest(cmdRead, 2, 0, 4, nil)...)
+	reqs := append(nbdRequest(nbdproto.CmdWrite, 1, 0, 4, []byte("abcd")), nbdRequest(nbdproto.CmdRead, 2, 0, 4, nil)...)
 	reqs = append(reqs, nbdRequest(3, 3, 0, 0, nil)...) // FLUSH
 	reps := append(simpleReply(1, nil), simpleReply(2, []byte("abcd"))...)
 	reps = append(reps, simpleReply(3, nil)...)
 	f.Add(reqs, reps)
-	f.Add(reqs, append(simpleReply(2, []byte("ab")), simpleReply(1, nil)...))                           // torn read payload
-	f.Add(reqs, append(simpleReply(1, nil), simpleReply(1, nil)...))                                    // answered twice
-	f.Add(append(reqs, nbdRequest(cmdDisc, 9, 0, 0, nil)...), reps)                                     // then a disconnect
-	f.Add(nbdRequest(cmdRead, 5, 0, maxPayload+1, nil), simpleReply(5, nil))                            // oversized read
-	f.Add(nbdRequest(cmdRead, 6, 0, 8, nil), binary.BigEndian.AppendUint32(simpleReply(6, nil)[:4], 5)) // error reply, short
+	f.Add(reqs, append(simpleReply(2, []byte("ab")), simpleReply(1, nil)...))                                    // torn read payload
+	f.Add(reqs, append(simpleReply(1, nil), simpleReply(1, nil)...))                                             // answered twice
+	f.Add(append(reqs, nbdRequest(nbdproto.CmdDisc, 9, 0, 0, nil)...), reps)                                     // then a disconnect
+	f.Add(nbdRequest(nbdproto.CmdRead, 5, 0, nbdproto.MaxPayload+1, nil), simpleReply(5, nil))                   // oversized read
+	f.Add(nbdRequest(nbdproto.CmdRead, 6, 0, 8, nil), binary.BigEndian.AppendUint32(simpleReply(6, nil)[:4], 5)) // error reply, short
 	f.Fuzz(func(t *testing.T, down, up []byte) {
 		cli, srv := net.Pipe()
 		out := &rw{Reader: bytes.NewReader(down)}
@@ -452,7 +454,7 @@ func FuzzRelayTransmission(f *testing.F) {
 		go func() { r.readUpstream(cli, 0); close(upDone) }()
 		sent := make(chan struct{})
 		go func() { _, _ = io.Copy(io.Discard, srv); close(sent) }()
-		if err := r.readDownstream(); err == nil && len(down) > 0 && !bytes.Contains(down, binary.BigEndian.AppendUint32(nil, reqMagic)) {
+		if err := r.readDownstream(); err == nil && len(down) > 0 && !bytes.Contains(down, binary.BigEndian.AppendUint32(nil, nbdproto.MagicRequest)) {
 			t.Fatalf("relay accepted requests %x without a request magic", down)
 		}
 		// The server answers only once every request is in: the model

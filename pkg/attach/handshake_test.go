@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/writeboost-csi/writeboost-csi/pkg/nbdproto"
 )
 
 func TestHandshakeNbdkit(t *testing.T) {
@@ -23,7 +25,7 @@ func TestHandshakeNbdkit(t *testing.T) {
 	if info.Size != 64<<20 {
 		t.Fatalf("size %d; want %d", info.Size, 64<<20)
 	}
-	want := FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagCanMultiConn
+	want := nbdproto.FlagHasFlags | nbdproto.FlagSendFlush | nbdproto.FlagSendFUA | nbdproto.FlagCanMultiConn
 	if info.Flags&want != want {
 		t.Fatalf("flags %#x lack %#x (nbdkit memory advertises them)", info.Flags, want)
 	}
@@ -61,8 +63,8 @@ func fakeServer(t *testing.T, script func(c net.Conn)) net.Conn {
 }
 
 func greeting(c net.Conn, flags uint16) {
-	b := binary.BigEndian.AppendUint64(nil, nbdMagic)
-	b = binary.BigEndian.AppendUint64(b, nbdIHaveOpt)
+	b := binary.BigEndian.AppendUint64(nil, nbdproto.MagicNBD)
+	b = binary.BigEndian.AppendUint64(b, nbdproto.MagicOption)
 	b = binary.BigEndian.AppendUint16(b, flags)
 	c.Write(b)
 }
@@ -82,15 +84,15 @@ func readGo(c net.Conn) (string, error) {
 }
 
 func optReply(c net.Conn, typ uint32, body []byte) {
-	b := binary.BigEndian.AppendUint64(nil, nbdOptReplyMagic)
-	b = binary.BigEndian.AppendUint32(b, optGo)
+	b := binary.BigEndian.AppendUint64(nil, nbdproto.MagicOptReply)
+	b = binary.BigEndian.AppendUint32(b, nbdproto.OptGo)
 	b = binary.BigEndian.AppendUint32(b, typ)
 	b = binary.BigEndian.AppendUint32(b, uint32(len(body)))
 	c.Write(append(b, body...))
 }
 
 func exportInfo(size uint64, flags uint16) []byte {
-	b := binary.BigEndian.AppendUint16(nil, infoExport)
+	b := binary.BigEndian.AppendUint16(nil, nbdproto.InfoExport)
 	b = binary.BigEndian.AppendUint64(b, size)
 	return binary.BigEndian.AppendUint16(b, flags)
 }
@@ -100,24 +102,24 @@ func TestHandshakeFake(t *testing.T) {
 
 	t.Run("ok with block size", func(t *testing.T) {
 		c := fakeServer(t, func(s net.Conn) {
-			greeting(s, flagFixedNewstyle|flagNoZeroes)
+			greeting(s, nbdproto.FlagFixedNewstyle|nbdproto.FlagNoZeroes)
 			if exp, err := readGo(s); err != nil || exp != "vol" {
 				return
 			}
-			optReply(s, repInfo, exportInfo(1<<20, FlagHasFlags|FlagSendFlush))
-			bs := binary.BigEndian.AppendUint16(nil, infoBlkSize)
+			optReply(s, nbdproto.RepInfo, exportInfo(1<<20, nbdproto.FlagHasFlags|nbdproto.FlagSendFlush))
+			bs := binary.BigEndian.AppendUint16(nil, nbdproto.InfoBlockSize)
 			bs = binary.BigEndian.AppendUint32(bs, 512)
 			bs = binary.BigEndian.AppendUint32(bs, 4096)
 			bs = binary.BigEndian.AppendUint32(bs, 32<<20)
-			optReply(s, repInfo, bs)
+			optReply(s, nbdproto.RepInfo, bs)
 			optReply(s, 99, []byte("unknown reply types are ignored"))
-			optReply(s, repAck, nil)
+			optReply(s, nbdproto.RepAck, nil)
 		})
 		info, err := handshake(c, "vol", deadline())
 		if err != nil {
 			t.Fatal(err)
 		}
-		want := ExportInfo{Size: 1 << 20, Flags: FlagHasFlags | FlagSendFlush, MinBlock: 512, PrefBlock: 4096, MaxBlock: 32 << 20}
+		want := nbdproto.ExportInfo{Size: 1 << 20, Flags: nbdproto.FlagHasFlags | nbdproto.FlagSendFlush, MinBlock: 512, PrefBlock: 4096, MaxBlock: 32 << 20}
 		if info != want {
 			t.Fatalf("info %+v; want %+v", info, want)
 		}
@@ -129,36 +131,36 @@ func TestHandshakeFake(t *testing.T) {
 	}{
 		"bad magic": {func(s net.Conn) { s.Write(make([]byte, 18)) }, "bad magic"},
 		"oldstyle": {func(s net.Conn) {
-			b := binary.BigEndian.AppendUint64(nil, nbdMagic)
+			b := binary.BigEndian.AppendUint64(nil, nbdproto.MagicNBD)
 			s.Write(binary.BigEndian.AppendUint64(b, 0x00420281861253))
 			s.Write([]byte{0, 0})
 		}, "not a newstyle"},
 		"not fixed": {func(s net.Conn) { greeting(s, 0) }, "fixed newstyle"},
 		"refused": {func(s net.Conn) {
-			greeting(s, flagFixedNewstyle)
+			greeting(s, nbdproto.FlagFixedNewstyle)
 			readGo(s)
-			optReply(s, repErrBit|6, []byte("no such export"))
+			optReply(s, nbdproto.RepErrBit|6, []byte("no such export"))
 		}, "refused export"},
 		"ack without export": {func(s net.Conn) {
-			greeting(s, flagFixedNewstyle)
+			greeting(s, nbdproto.FlagFixedNewstyle)
 			readGo(s)
-			optReply(s, repAck, nil)
+			optReply(s, nbdproto.RepAck, nil)
 		}, "without NBD_INFO_EXPORT"},
 		"short info": {func(s net.Conn) {
-			greeting(s, flagFixedNewstyle)
+			greeting(s, nbdproto.FlagFixedNewstyle)
 			readGo(s)
-			optReply(s, repInfo, []byte{0, 0, 1})
+			optReply(s, nbdproto.RepInfo, []byte{0, 0, 1})
 		}, "NBD_INFO_EXPORT of 3 bytes"},
 		"huge reply": {func(s net.Conn) {
-			greeting(s, flagFixedNewstyle)
+			greeting(s, nbdproto.FlagFixedNewstyle)
 			readGo(s)
-			b := binary.BigEndian.AppendUint64(nil, nbdOptReplyMagic)
-			b = binary.BigEndian.AppendUint32(b, optGo)
-			b = binary.BigEndian.AppendUint32(b, repInfo)
+			b := binary.BigEndian.AppendUint64(nil, nbdproto.MagicOptReply)
+			b = binary.BigEndian.AppendUint32(b, nbdproto.OptGo)
+			b = binary.BigEndian.AppendUint32(b, nbdproto.RepInfo)
 			s.Write(binary.BigEndian.AppendUint32(b, 1<<30))
 		}, "option reply of"},
 		"hangs up": {func(s net.Conn) {
-			greeting(s, flagFixedNewstyle)
+			greeting(s, nbdproto.FlagFixedNewstyle)
 			readGo(s)
 		}, "read option reply"},
 		"silent": {func(s net.Conn) { time.Sleep(3 * time.Second) }, "read greeting"},

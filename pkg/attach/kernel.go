@@ -13,12 +13,14 @@ import (
 
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
+
+	"github.com/writeboost-csi/writeboost-csi/pkg/nbdproto"
 )
 
 // chooseBlockSize picks the kernel block size: 4096 so the engine never
 // sees unaligned I/O from the kernel, unless the export's size or the
 // server's block size limits rule it out, then 512.
-func chooseBlockSize(info ExportInfo) uint64 {
+func chooseBlockSize(info nbdproto.ExportInfo) uint64 {
 	ok4k := info.Size%4096 == 0 &&
 		(info.MinBlock == 0 || info.MinBlock <= 4096) &&
 		(info.MaxBlock == 0 || info.MaxBlock >= 4096)
@@ -30,18 +32,18 @@ func chooseBlockSize(info ExportInfo) uint64 {
 
 // Dialer opens one connection to the export and negotiates it up to the
 // transmission phase.
-type Dialer func(ctx context.Context) (*net.UnixConn, ExportInfo, error)
+type Dialer func(ctx context.Context) (*net.UnixConn, nbdproto.ExportInfo, error)
 
 // UnixDialer dials export on a unix socket, bounding each handshake by
 // timeout.
 func UnixDialer(socket, export string, timeout time.Duration) Dialer {
-	return func(ctx context.Context) (*net.UnixConn, ExportInfo, error) {
+	return func(ctx context.Context) (*net.UnixConn, nbdproto.ExportInfo, error) {
 		t := timeout
 		if dl, ok := ctx.Deadline(); ok && time.Until(dl) < t {
 			t = time.Until(dl)
 		}
 		if t <= 0 {
-			return nil, ExportInfo{}, context.DeadlineExceeded
+			return nil, nbdproto.ExportInfo{}, context.DeadlineExceeded
 		}
 		return dialExport(socket, export, t)
 	}
@@ -49,7 +51,7 @@ func UnixDialer(socket, export string, timeout time.Duration) Dialer {
 
 // dialN opens n connections (n counted after the first told us the flags),
 // checking that every connection sees the same export.
-func dialN(ctx context.Context, dial Dialer, requested int) ([]*net.UnixConn, ExportInfo, error) {
+func dialN(ctx context.Context, dial Dialer, requested int) ([]*net.UnixConn, nbdproto.ExportInfo, error) {
 	first, info, err := dial(ctx)
 	if err != nil {
 		return nil, info, err

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"k8s.io/klog/v2"
+
+	"github.com/writeboost-csi/writeboost-csi/pkg/nbdproto"
 )
 
 // The relay keeps a fallback attachment alive across a server restart.
@@ -34,25 +36,11 @@ import (
 // server incarnation. Requests in flight together carry no ordering promise
 // in NBD, so resending them in arrival order is as valid as the original.
 
-const (
-	reqMagic      = 0x25609513
-	simpleMagic   = 0x67446698
-	cmdRead       = 0
-	cmdWrite      = 1
-	cmdDisc       = 2
-	optInfo       = 6
-	optExportName = 1
-	repErrUnsup   = 1<<31 | 1
-	// maxPayload bounds a WRITE payload or READ length (the kernel's
-	// largest request is 32 MiB).
-	maxPayload = 32 << 20
-)
-
 // relayFlags is what the relay advertises to nbdfuse: the server's flags,
 // minus what the relay does not carry. Structured replies are refused, so
 // DF is meaningless; one downstream connection, so no multi-conn; no resize.
 func relayFlags(upstream uint16) uint16 {
-	return upstream &^ (FlagSendDF | FlagCanMultiConn | FlagSendResize)
+	return upstream &^ (nbdproto.FlagSendDF | nbdproto.FlagCanMultiConn | nbdproto.FlagSendResize)
 }
 
 type relayReq struct {
@@ -66,9 +54,9 @@ type relayReq struct {
 // relay forwards one downstream NBD client to an upstream server.
 type relay struct {
 	down     io.ReadWriter
-	dial     func(timeout time.Duration) (net.Conn, ExportInfo, error)
+	dial     func(timeout time.Duration) (net.Conn, nbdproto.ExportInfo, error)
 	deadConn time.Duration
-	info     ExportInfo
+	info     nbdproto.ExportInfo
 
 	downMu sync.Mutex // serialises replies to downstream
 	upW    sync.Mutex // serialises requests to upstream (held without mu)
@@ -93,7 +81,7 @@ func ServeRelay(ctx context.Context, down io.ReadWriter, socket, export string, 
 	r := &relay{
 		down:     down,
 		deadConn: deadConn,
-		dial: func(timeout time.Duration) (net.Conn, ExportInfo, error) {
+		dial: func(timeout time.Duration) (net.Conn, nbdproto.ExportInfo, error) {
 			c, info, err := dialExport(socket, export, timeout)
 			if err == nil {
 				setSocketBuffers(c)
@@ -133,9 +121,9 @@ func ServeRelay(ctx context.Context, down io.ReadWriter, socket, export string, 
 // get the upstream export's size and flags; every other option is
 // unsupported (so replies stay simple and the relay can parse them).
 func (r *relay) serverHandshake() error {
-	g := binary.BigEndian.AppendUint64(nil, nbdMagic)
-	g = binary.BigEndian.AppendUint64(g, nbdIHaveOpt)
-	g = binary.BigEndian.AppendUint16(g, flagFixedNewstyle|flagNoZeroes)
+	g := binary.BigEndian.AppendUint64(nil, nbdproto.MagicNBD)
+	g = binary.BigEndian.AppendUint64(g, nbdproto.MagicOption)
+	g = binary.BigEndian.AppendUint16(g, nbdproto.FlagFixedNewstyle|nbdproto.FlagNoZeroes)
 	if _, err := r.down.Write(g); err != nil {
 		return fmt.Errorf("relay: greeting: %w", err)
 	}
@@ -148,7 +136,7 @@ func (r *relay) serverHandshake() error {
 		if _, err := io.ReadFull(r.down, h[:]); err != nil {
 			return fmt.Errorf("relay: option: %w", err)
 		}
-		if binary.BigEndian.Uint64(h[:]) != nbdIHaveOpt {
+		if binary.BigEndian.Uint64(h[:]) != nbdproto.MagicOption {
 			return errors.New("relay: bad option magic")
 		}
 		opt := binary.BigEndian.Uint32(h[8:])
@@ -160,7 +148,7 @@ func (r *relay) serverHandshake() error {
 			return fmt.Errorf("relay: option data: %w", err)
 		}
 		reply := func(typ uint32, body []byte) error {
-			b := binary.BigEndian.AppendUint64(nil, nbdOptReplyMagic)
+			b := binary.BigEndian.AppendUint64(nil, nbdproto.MagicOptReply)
 			b = binary.BigEndian.AppendUint32(b, opt)
 			b = binary.BigEndian.AppendUint32(b, typ)
 			b = binary.BigEndian.AppendUint32(b, uint32(len(body)))
@@ -168,28 +156,28 @@ func (r *relay) serverHandshake() error {
 			return err
 		}
 		switch opt {
-		case optGo, optInfo:
-			body := binary.BigEndian.AppendUint16(nil, infoExport)
+		case nbdproto.OptGo, nbdproto.OptInfo:
+			body := binary.BigEndian.AppendUint16(nil, nbdproto.InfoExport)
 			body = binary.BigEndian.AppendUint64(body, r.info.Size)
 			body = binary.BigEndian.AppendUint16(body, relayFlags(r.info.Flags))
-			if err := reply(repInfo, body); err != nil {
+			if err := reply(nbdproto.RepInfo, body); err != nil {
 				return err
 			}
-			if err := reply(repAck, nil); err != nil {
+			if err := reply(nbdproto.RepAck, nil); err != nil {
 				return err
 			}
-			if opt == optGo {
+			if opt == nbdproto.OptGo {
 				return nil
 			}
-		case optExportName:
+		case nbdproto.OptExportName:
 			// It has no error reply: a server that will not serve it can only
 			// hang up. libnbd uses OPT_GO.
 			return errors.New("relay: client sent NBD_OPT_EXPORT_NAME; only NBD_OPT_GO is supported")
-		case optAbort:
-			_ = reply(repAck, nil)
+		case nbdproto.OptAbort:
+			_ = reply(nbdproto.RepAck, nil)
 			return errors.New("relay: client aborted the handshake")
 		default:
-			if err := reply(repErrUnsup, nil); err != nil {
+			if err := reply(nbdproto.RepErrUnsup, nil); err != nil {
 				return err
 			}
 		}
@@ -206,7 +194,7 @@ func (r *relay) readDownstream() error {
 			}
 			return fmt.Errorf("relay: read request: %w", err)
 		}
-		if binary.BigEndian.Uint32(h[:]) != reqMagic {
+		if binary.BigEndian.Uint32(h[:]) != nbdproto.MagicRequest {
 			return errors.New("relay: bad request magic")
 		}
 		q := &relayReq{
@@ -215,8 +203,8 @@ func (r *relay) readDownstream() error {
 			length: binary.BigEndian.Uint32(h[24:]),
 		}
 		raw := h[:]
-		if q.typ == cmdWrite {
-			if q.length > maxPayload {
+		if q.typ == nbdproto.CmdWrite {
+			if q.length > nbdproto.MaxPayload {
 				return fmt.Errorf("relay: write of %d bytes", q.length)
 			}
 			raw = make([]byte, 28+int(q.length))
@@ -227,11 +215,11 @@ func (r *relay) readDownstream() error {
 		} else {
 			raw = append([]byte(nil), raw...)
 		}
-		if q.typ == cmdRead && q.length > maxPayload {
+		if q.typ == nbdproto.CmdRead && q.length > nbdproto.MaxPayload {
 			return fmt.Errorf("relay: read of %d bytes", q.length)
 		}
 		q.raw = raw
-		if q.typ == cmdDisc {
+		if q.typ == nbdproto.CmdDisc {
 			r.mu.Lock()
 			up, gen := r.mu.up, r.mu.gen
 			r.mu.Unlock()
@@ -301,7 +289,7 @@ func (r *relay) readUpstream(up net.Conn, gen int) {
 			fail(err)
 			return
 		}
-		if binary.BigEndian.Uint32(h[:]) != simpleMagic {
+		if binary.BigEndian.Uint32(h[:]) != nbdproto.MagicReply {
 			fail(fmt.Errorf("bad reply magic %#x", binary.BigEndian.Uint32(h[:])))
 			return
 		}
@@ -314,7 +302,7 @@ func (r *relay) readUpstream(up net.Conn, gen int) {
 			return
 		}
 		rep := h[:]
-		if q.typ == cmdRead && binary.BigEndian.Uint32(h[4:]) == 0 {
+		if q.typ == nbdproto.CmdRead && binary.BigEndian.Uint32(h[4:]) == 0 {
 			// Read the whole payload before replying: a server dying
 			// mid-payload must cost a resend, never a torn reply.
 			rep = make([]byte, 16+int(q.length))

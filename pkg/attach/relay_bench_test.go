@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/writeboost-csi/writeboost-csi/pkg/nbdproto"
 )
 
 // BenchmarkRelayWrite measures 1 MiB writes at queue depth 1 through the
@@ -41,7 +43,7 @@ func BenchmarkRelayWrite(b *testing.B) {
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		off := uint64(i%512) << 20
-		if _, err := cli.Write(nbdRequest(cmdWrite, uint64(i), off, uint32(len(payload)), payload)); err != nil {
+		if _, err := cli.Write(nbdRequest(nbdproto.CmdWrite, uint64(i), off, uint32(len(payload)), payload)); err != nil {
 			b.Fatal(err)
 		}
 		var h [16]byte
@@ -67,7 +69,7 @@ func BenchmarkDirectWrite(b *testing.B) {
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		off := uint64(i%512) << 20
-		if _, err := cli.Write(nbdRequest(cmdWrite, uint64(i), off, uint32(len(payload)), payload)); err != nil {
+		if _, err := cli.Write(nbdRequest(nbdproto.CmdWrite, uint64(i), off, uint32(len(payload)), payload)); err != nil {
 			b.Fatal(err)
 		}
 		var h [16]byte

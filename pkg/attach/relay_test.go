@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/writeboost-csi/writeboost-csi/pkg/nbdproto"
 )
 
 // fakeUpstream accepts connections on a unix socket, negotiates OPT_GO and
@@ -26,13 +28,13 @@ func fakeUpstream(t *testing.T, flags uint16, scripts ...func(c net.Conn)) strin
 			if err != nil {
 				return
 			}
-			greeting(c, flagFixedNewstyle|flagNoZeroes)
+			greeting(c, nbdproto.FlagFixedNewstyle|nbdproto.FlagNoZeroes)
 			if _, err := readGo(c); err != nil {
 				c.Close()
 				return
 			}
-			optReply(c, repInfo, exportInfo(1<<20, flags))
-			optReply(c, repAck, nil)
+			optReply(c, nbdproto.RepInfo, exportInfo(1<<20, flags))
+			optReply(c, nbdproto.RepAck, nil)
 			script(c)
 			c.Close()
 		}
@@ -41,7 +43,7 @@ func fakeUpstream(t *testing.T, flags uint16, scripts ...func(c net.Conn)) strin
 }
 
 func nbdRequest(typ uint16, handle, off uint64, length uint32, payload []byte) []byte {
-	b := binary.BigEndian.AppendUint32(nil, reqMagic)
+	b := binary.BigEndian.AppendUint32(nil, nbdproto.MagicRequest)
 	b = binary.BigEndian.AppendUint16(b, 0)
 	b = binary.BigEndian.AppendUint16(b, typ)
 	b = binary.BigEndian.AppendUint64(b, handle)
@@ -58,7 +60,7 @@ func readRequest(t *testing.T, c net.Conn) (typ uint16, handle uint64, payload [
 	}
 	typ = binary.BigEndian.Uint16(h[6:])
 	handle = binary.BigEndian.Uint64(h[8:])
-	if typ == cmdWrite {
+	if typ == nbdproto.CmdWrite {
 		payload = make([]byte, binary.BigEndian.Uint32(h[24:]))
 		io.ReadFull(c, payload)
 	}
@@ -66,7 +68,7 @@ func readRequest(t *testing.T, c net.Conn) (typ uint16, handle uint64, payload [
 }
 
 func simpleReply(handle uint64, data []byte) []byte {
-	b := binary.BigEndian.AppendUint32(nil, simpleMagic)
+	b := binary.BigEndian.AppendUint32(nil, nbdproto.MagicReply)
 	b = binary.BigEndian.AppendUint32(b, 0)
 	b = binary.BigEndian.AppendUint64(b, handle)
 	return append(b, data...)
@@ -77,12 +79,12 @@ func simpleReply(handle uint64, data []byte) []byte {
 // relay redials and the second server gets exactly those two again, in
 // order. The client sees each reply once and no torn READ.
 func TestRelayResendsAfterServerLoss(t *testing.T) {
-	const flags = FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagCanMultiConn | FlagSendDF
+	const flags = nbdproto.FlagHasFlags | nbdproto.FlagSendFlush | nbdproto.FlagSendFUA | nbdproto.FlagCanMultiConn | nbdproto.FlagSendDF
 	data := bytes.Repeat([]byte{0xab}, 512)
 	got2 := make(chan []uint16, 1)
 	sock := fakeUpstream(t, flags,
 		func(c net.Conn) {
-			if typ, h, p := readRequest(t, c); typ != cmdWrite || h != 1 || len(p) != 4096 {
+			if typ, h, p := readRequest(t, c); typ != nbdproto.CmdWrite || h != 1 || len(p) != 4096 {
 				t.Errorf("first server: got type %d handle %d len %d", typ, h, len(p))
 			}
 			c.Write(simpleReply(1, nil))
@@ -95,7 +97,7 @@ func TestRelayResendsAfterServerLoss(t *testing.T) {
 			for i := 0; i < 2; i++ {
 				typ, h, _ := readRequest(t, c)
 				seen = append(seen, typ)
-				if typ == cmdRead {
+				if typ == nbdproto.CmdRead {
 					c.Write(simpleReply(h, data))
 				} else {
 					c.Write(simpleReply(h, nil))
@@ -116,12 +118,12 @@ func TestRelayResendsAfterServerLoss(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if info.Size != 1<<20 || info.Flags != relayFlags(flags) || info.Flags&(FlagCanMultiConn|FlagSendDF) != 0 {
+	if info.Size != 1<<20 || info.Flags != relayFlags(flags) || info.Flags&(nbdproto.FlagCanMultiConn|nbdproto.FlagSendDF) != 0 {
 		t.Fatalf("relay advertised %+v; want size 1MiB flags %#x", info, relayFlags(flags))
 	}
 	go func() {
-		cli.Write(nbdRequest(cmdWrite, 1, 0, 4096, make([]byte, 4096)))
-		cli.Write(nbdRequest(cmdRead, 2, 0, 512, nil))
+		cli.Write(nbdRequest(nbdproto.CmdWrite, 1, 0, 4096, make([]byte, 4096)))
+		cli.Write(nbdRequest(nbdproto.CmdRead, 2, 0, 512, nil))
 		cli.Write(nbdRequest(3, 3, 0, 0, nil)) // FLUSH
 	}()
 	cli.SetReadDeadline(time.Now().Add(10 * time.Second))
@@ -145,10 +147,10 @@ func TestRelayResendsAfterServerLoss(t *testing.T) {
 			t.Fatalf("handle %d answered %d times", h, n)
 		}
 	}
-	if seen := <-got2; len(seen) != 2 || seen[0] != cmdRead || seen[1] != 3 {
+	if seen := <-got2; len(seen) != 2 || seen[0] != nbdproto.CmdRead || seen[1] != 3 {
 		t.Fatalf("second server got %v; want READ then FLUSH", seen)
 	}
-	cli.Write(nbdRequest(cmdDisc, 4, 0, 0, nil))
+	cli.Write(nbdRequest(nbdproto.CmdDisc, 4, 0, 0, nil))
 	if err := <-relayErr; err != nil {
 		t.Fatalf("relay: %v", err)
 	}
@@ -157,7 +159,7 @@ func TestRelayResendsAfterServerLoss(t *testing.T) {
 // TestRelayGivesUp: a server that never comes back ends the relay after the
 // dead-connection timeout, with an error, instead of hanging the client.
 func TestRelayGivesUp(t *testing.T) {
-	sock := fakeUpstream(t, FlagHasFlags|FlagSendFlush, func(c net.Conn) {
+	sock := fakeUpstream(t, nbdproto.FlagHasFlags|nbdproto.FlagSendFlush, func(c net.Conn) {
 		readRequest(t, c)
 	})
 	cli, down := net.Pipe()
@@ -167,7 +169,7 @@ func TestRelayGivesUp(t *testing.T) {
 	if _, err := handshake(cli, "", time.Now().Add(5*time.Second)); err != nil {
 		t.Fatal(err)
 	}
-	cli.Write(nbdRequest(cmdRead, 1, 0, 512, nil))
+	cli.Write(nbdRequest(nbdproto.CmdRead, 1, 0, 512, nil))
 	select {
 	case err := <-relayErr:
 		if err == nil {
@@ -193,10 +195,10 @@ func TestRelayRejectsChangedServer(t *testing.T) {
 			if err != nil {
 				return
 			}
-			greeting(c, flagFixedNewstyle)
+			greeting(c, nbdproto.FlagFixedNewstyle)
 			readGo(c)
-			optReply(c, repInfo, exportInfo(size, FlagHasFlags))
-			optReply(c, repAck, nil)
+			optReply(c, nbdproto.RepInfo, exportInfo(size, nbdproto.FlagHasFlags))
+			optReply(c, nbdproto.RepAck, nil)
 			if i == 0 {
 				readRequest(t, c)
 			}
@@ -210,7 +212,7 @@ func TestRelayRejectsChangedServer(t *testing.T) {
 	if _, err := handshake(cli, "", time.Now().Add(5*time.Second)); err != nil {
 		t.Fatal(err)
 	}
-	cli.Write(nbdRequest(cmdRead, 1, 0, 512, nil))
+	cli.Write(nbdRequest(nbdproto.CmdRead, 1, 0, 512, nil))
 	select {
 	case err := <-relayErr:
 		if err == nil {
@@ -225,7 +227,7 @@ func TestRelayRejectsChangedServer(t *testing.T) {
 // OPT_GO/OPT_INFO) are refused with NBD_REP_ERR_UNSUP, so every reply the
 // relay forwards stays a simple reply it can parse; OPT_GO still works after.
 func TestRelayRefusesOtherOptions(t *testing.T) {
-	sock := fakeUpstream(t, FlagHasFlags|FlagSendFlush, func(c net.Conn) { io.Copy(io.Discard, c) })
+	sock := fakeUpstream(t, nbdproto.FlagHasFlags|nbdproto.FlagSendFlush, func(c net.Conn) { io.Copy(io.Discard, c) })
 	cli, down := net.Pipe()
 	defer cli.Close()
 	go ServeRelay(context.Background(), down, sock, "", time.Second)
@@ -234,8 +236,8 @@ func TestRelayRefusesOtherOptions(t *testing.T) {
 	if _, err := io.ReadFull(cli, g[:]); err != nil {
 		t.Fatal(err)
 	}
-	req := binary.BigEndian.AppendUint32(nil, clientFixed)
-	req = binary.BigEndian.AppendUint64(req, nbdIHaveOpt)
+	req := binary.BigEndian.AppendUint32(nil, nbdproto.ClientFixedNewstyle)
+	req = binary.BigEndian.AppendUint64(req, nbdproto.MagicOption)
 	req = binary.BigEndian.AppendUint32(req, 8) // NBD_OPT_STRUCTURED_REPLY
 	req = binary.BigEndian.AppendUint32(req, 0)
 	cli.Write(req)
@@ -243,7 +245,7 @@ func TestRelayRefusesOtherOptions(t *testing.T) {
 	if _, err := io.ReadFull(cli, rh[:]); err != nil {
 		t.Fatal(err)
 	}
-	if typ := binary.BigEndian.Uint32(rh[12:]); typ != repErrUnsup || binary.BigEndian.Uint32(rh[8:]) != 8 {
+	if typ := binary.BigEndian.Uint32(rh[12:]); typ != nbdproto.RepErrUnsup || binary.BigEndian.Uint32(rh[8:]) != 8 {
 		t.Fatalf("structured reply option answered with type %#x for option %d", typ, binary.BigEndian.Uint32(rh[8:]))
 	}
 	cli.Write(encodeGo(0, "")[4:]) // OPT_GO without the client flags already sent
@@ -253,7 +255,7 @@ func TestRelayRefusesOtherOptions(t *testing.T) {
 		}
 		body := make([]byte, binary.BigEndian.Uint32(rh[16:]))
 		io.ReadFull(cli, body)
-		if binary.BigEndian.Uint32(rh[12:]) == repAck {
+		if binary.BigEndian.Uint32(rh[12:]) == nbdproto.RepAck {
 			break
 		}
 	}

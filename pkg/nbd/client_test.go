@@ -12,6 +12,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/writeboost-csi/writeboost-csi/pkg/nbdproto"
 )
 
 // testClient is a minimal NBD client speaking the wire protocol directly,
@@ -82,10 +84,10 @@ func dialRaw(t testing.TB, path string, cflags uint32) *testClient {
 	if _, err := io.ReadFull(c.br, g[:]); err != nil {
 		t.Fatalf("greeting: %v", err)
 	}
-	if binary.BigEndian.Uint64(g[0:]) != magicNBD || binary.BigEndian.Uint64(g[8:]) != magicOption {
+	if binary.BigEndian.Uint64(g[0:]) != nbdproto.MagicNBD || binary.BigEndian.Uint64(g[8:]) != nbdproto.MagicOption {
 		t.Fatalf("bad greeting %x", g)
 	}
-	if hf := binary.BigEndian.Uint16(g[16:]); hf != flagFixedNewstyle|flagNoZeroes {
+	if hf := binary.BigEndian.Uint16(g[16:]); hf != nbdproto.FlagFixedNewstyle|nbdproto.FlagNoZeroes {
 		t.Fatalf("handshake flags %#x", hf)
 	}
 	c.write(binary.BigEndian.AppendUint32(nil, cflags))
@@ -101,7 +103,7 @@ func (c *testClient) write(b []byte) {
 }
 
 func (c *testClient) sendOpt(opt uint32, data []byte) {
-	b := binary.BigEndian.AppendUint64(nil, magicOption)
+	b := binary.BigEndian.AppendUint64(nil, nbdproto.MagicOption)
 	b = binary.BigEndian.AppendUint32(b, opt)
 	b = binary.BigEndian.AppendUint32(b, uint32(len(data)))
 	c.write(append(b, data...))
@@ -112,7 +114,7 @@ func (c *testClient) readOpt() (optReplyMsg, error) {
 	if _, err := io.ReadFull(c.br, h[:]); err != nil {
 		return optReplyMsg{}, err
 	}
-	if m := binary.BigEndian.Uint64(h[0:]); m != magicOptReply {
+	if m := binary.BigEndian.Uint64(h[0:]); m != nbdproto.MagicOptReply {
 		return optReplyMsg{}, fmt.Errorf("bad option reply magic %#x", m)
 	}
 	r := optReplyMsg{opt: binary.BigEndian.Uint32(h[8:]), typ: binary.BigEndian.Uint32(h[12:])}
@@ -151,10 +153,10 @@ func (c *testClient) goInfo(opt uint32, name string, infos ...uint16) (map[uint1
 			c.t.Fatalf("reply to option %d, want %d", r.opt, opt)
 		}
 		switch r.typ {
-		case repInfo:
+		case nbdproto.RepInfo:
 			got[binary.BigEndian.Uint16(r.data)] = r.data[2:]
-		case repAck:
-			if e, ok := got[infoExport]; ok {
+		case nbdproto.RepAck:
+			if e, ok := got[nbdproto.InfoExport]; ok {
 				c.size = binary.BigEndian.Uint64(e)
 				c.flags = binary.BigEndian.Uint16(e[8:])
 			}
@@ -168,21 +170,21 @@ func (c *testClient) goInfo(opt uint32, name string, infos ...uint16) (map[uint1
 // connect dials and enters transmission on export name with OPT_GO.
 func connect(t testing.TB, path, name string) *testClient {
 	t.Helper()
-	c := dialRaw(t, path, clientFixedNewstyle|clientNoZeroes)
-	if _, r := c.goInfo(optGo, name); r.typ != repAck {
+	c := dialRaw(t, path, nbdproto.ClientFixedNewstyle|nbdproto.ClientNoZeroes)
+	if _, r := c.goInfo(nbdproto.OptGo, name); r.typ != nbdproto.RepAck {
 		t.Fatalf("OPT_GO: reply type %#x %q", r.typ, r.data)
 	}
 	return c
 }
 
 func (c *testClient) send(typ, flags uint16, handle, off uint64, length uint32, payload []byte) {
-	if typ == cmdRead {
+	if typ == nbdproto.CmdRead {
 		c.mu.Lock()
 		c.readLen[handle] = length
 		c.mu.Unlock()
 	}
-	b := make([]byte, requestHdrSize, requestHdrSize+len(payload))
-	binary.BigEndian.PutUint32(b[0:], magicRequest)
+	b := make([]byte, nbdproto.RequestHeaderSize, nbdproto.RequestHeaderSize+len(payload))
+	binary.BigEndian.PutUint32(b[0:], nbdproto.MagicRequest)
 	binary.BigEndian.PutUint16(b[4:], flags)
 	binary.BigEndian.PutUint16(b[6:], typ)
 	binary.BigEndian.PutUint64(b[8:], handle)
@@ -192,11 +194,11 @@ func (c *testClient) send(typ, flags uint16, handle, off uint64, length uint32, 
 }
 
 func (c *testClient) recv() (replyMsg, error) {
-	var h [replyHdrSize]byte
+	var h [nbdproto.ReplyHeaderSize]byte
 	if _, err := io.ReadFull(c.br, h[:]); err != nil {
 		return replyMsg{}, err
 	}
-	if m := binary.BigEndian.Uint32(h[0:]); m != magicReply {
+	if m := binary.BigEndian.Uint32(h[0:]); m != nbdproto.MagicReply {
 		return replyMsg{}, fmt.Errorf("bad reply magic %#x", m)
 	}
 	r := replyMsg{errno: binary.BigEndian.Uint32(h[4:]), handle: binary.BigEndian.Uint64(h[8:])}

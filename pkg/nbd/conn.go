@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"k8s.io/klog/v2"
+
+	"github.com/writeboost-csi/writeboost-csi/pkg/nbdproto"
 )
 
 // Reads and plain (non-FUA) writes up to inlineMaxLen, and flushes, run on
@@ -135,10 +137,10 @@ func (c *conn) serve() {
 // readLoop reads requests until DISC, EOF, shutdown, or a protocol
 // violation, which it returns as the reason to close.
 func (c *conn) readLoop() error {
-	var hdr [requestHdrSize]byte
+	var hdr [nbdproto.RequestHeaderSize]byte
 	exp := c.exp
 	for {
-		if c.br.Buffered() < requestHdrSize {
+		if c.br.Buffered() < nbdproto.RequestHeaderSize {
 			c.flushPending() // the next read may block
 		} else {
 			c.readerBusy.Store(true)
@@ -149,27 +151,27 @@ func (c *conn) readLoop() error {
 			}
 			return fmt.Errorf("read request: %w", err)
 		}
-		req, err := parseRequest(&hdr)
+		req, err := nbdproto.ParseRequest(&hdr)
 		if err != nil {
 			return err
 		}
-		if req.typ == cmdDisc {
+		if req.Type == nbdproto.CmdDisc {
 			return nil
 		}
-		var weight int64 = int64(req.length)
-		if req.typ != cmdRead && req.typ != cmdWrite {
+		var weight int64 = int64(req.Length)
+		if req.Type != nbdproto.CmdRead && req.Type != nbdproto.CmdWrite {
 			weight = 0 // no payload either way
 		}
 		if weight > int64(exp.maxLength) {
-			if req.typ == cmdWrite {
+			if req.Type == nbdproto.CmdWrite {
 				// We will not buffer it and cannot skip it cheaply.
-				return fmt.Errorf("WRITE of %d bytes exceeds the %d byte limit", req.length, exp.maxLength)
+				return fmt.Errorf("WRITE of %d bytes exceeds the %d byte limit", req.Length, exp.maxLength)
 			}
 			if !c.budget.tryAcquire(0) {
 				c.flushPending()
 				c.budget.acquire(0)
 			}
-			c.send(reply{handle: req.handle, errno: errInval}, true)
+			c.send(reply{handle: req.Handle, errno: nbdproto.ErrInval}, true)
 			continue
 		}
 		if !c.budget.tryAcquire(weight) {
@@ -177,18 +179,18 @@ func (c *conn) readLoop() error {
 			c.budget.acquire(weight)
 		}
 
-		inline := !c.srv.cfg.NoInline && req.length <= inlineMaxLen && ((req.typ == cmdWrite && req.flags&cmdFlagFUA == 0 &&
+		inline := !c.srv.cfg.NoInline && req.Length <= inlineMaxLen && ((req.Type == nbdproto.CmdWrite && req.Flags&nbdproto.CmdFlagFUA == 0 &&
 			time.Duration(c.writeCost.Load()) < inlineMaxCost) ||
-			(req.typ == cmdRead && time.Duration(c.readCost.Load()) < inlineMaxCost) ||
+			(req.Type == nbdproto.CmdRead && time.Duration(c.readCost.Load()) < inlineMaxCost) ||
 			// A flush that returns at once (a RAM disk, nothing
 			// dirty) costs less here than a goroutine's wake-up, which
 			// fsync-per-write clients pay on every write.
-			(req.typ == cmdFlush && time.Duration(c.flushCost.Load()) < inlineMaxCost))
-		if inline && req.typ == cmdWrite && c.br.Buffered() >= int(req.length) && c.check(req) == 0 {
+			(req.Type == nbdproto.CmdFlush && time.Duration(c.flushCost.Load()) < inlineMaxCost))
+		if inline && req.Type == nbdproto.CmdWrite && c.br.Buffered() >= int(req.Length) && c.check(req) == 0 {
 			// The payload is already in the read buffer: hand the
 			// backend a view of it (WriteAt must not keep p), saving
 			// a copy.
-			p, _ := c.br.Peek(int(req.length))
+			p, _ := c.br.Peek(int(req.Length))
 			c.work.Add(1)
 			c.readerBusy.Store(false)
 			c.unread = len(p)
@@ -199,24 +201,24 @@ func (c *conn) readLoop() error {
 		}
 
 		var buf *[]byte
-		if req.typ == cmdWrite {
-			buf = getBuf(int(req.length))
-			if c.br.Buffered() < int(req.length) {
+		if req.Type == nbdproto.CmdWrite {
+			buf = getBuf(int(req.Length))
+			if c.br.Buffered() < int(req.Length) {
 				c.flushPending() // reading the payload may block
 			}
-			if _, err := io.ReadFull(c.br, (*buf)[:req.length]); err != nil {
+			if _, err := io.ReadFull(c.br, (*buf)[:req.Length]); err != nil {
 				putBuf(buf)
 				c.budget.release(weight)
 				return fmt.Errorf("read WRITE payload: %w", err)
 			}
 		}
 		if errno := c.check(req); errno != 0 {
-			c.send(reply{handle: req.handle, errno: errno, buf: buf, weight: weight}, true)
+			c.send(reply{handle: req.Handle, errno: errno, buf: buf, weight: weight}, true)
 			continue
 		}
 		var payload []byte
 		if buf != nil {
-			payload = (*buf)[:req.length]
+			payload = (*buf)[:req.Length]
 		}
 		c.work.Add(1)
 		if inline {
@@ -236,31 +238,31 @@ func (c *conn) readLoop() error {
 }
 
 // check validates a request against the export before any backend call.
-func (c *conn) check(req request) uint32 {
+func (c *conn) check(req nbdproto.Request) uint32 {
 	exp := c.exp
 	if c.srv.closing.Load() {
-		return errShutdown
+		return nbdproto.ErrShutdown
 	}
-	switch req.typ {
-	case cmdRead, cmdWrite, cmdTrim, cmdWriteZeroes:
-	case cmdFlush:
+	switch req.Type {
+	case nbdproto.CmdRead, nbdproto.CmdWrite, nbdproto.CmdTrim, nbdproto.CmdWriteZeroes:
+	case nbdproto.CmdFlush:
 		return 0
 	default: // CACHE, BLOCK_STATUS (never advertised) and unknown commands
-		return errInval
+		return nbdproto.ErrInval
 	}
-	write := req.typ != cmdRead
+	write := req.Type != nbdproto.CmdRead
 	if write && exp.ReadOnly {
-		return errPerm
+		return nbdproto.ErrPerm
 	}
-	if (req.typ == cmdTrim && exp.trimmer == nil) || (req.typ == cmdWriteZeroes && exp.zeroer == nil) {
-		return errInval
+	if (req.Type == nbdproto.CmdTrim && exp.trimmer == nil) || (req.Type == nbdproto.CmdWriteZeroes && exp.zeroer == nil) {
+		return nbdproto.ErrInval
 	}
-	if req.offset > exp.size || uint64(req.length) > exp.size-req.offset {
+	if req.Offset > exp.size || uint64(req.Length) > exp.size-req.Offset {
 		// The spec: ENOSPC for writes beyond the end, EINVAL for reads and trims.
-		if req.typ == cmdWrite || req.typ == cmdWriteZeroes {
-			return errNoSpc
+		if req.Type == nbdproto.CmdWrite || req.Type == nbdproto.CmdWriteZeroes {
+			return nbdproto.ErrNoSpc
 		}
-		return errInval
+		return nbdproto.ErrInval
 	}
 	return 0
 }
@@ -268,16 +270,16 @@ func (c *conn) check(req request) uint32 {
 // do runs one request against the backend and queues its reply.
 // payload is a WRITE's data; buf, if not nil, holds it and is recycled
 // after the reply.
-func (c *conn) do(req request, payload []byte, buf *[]byte, weight int64, onReader bool) {
+func (c *conn) do(req nbdproto.Request, payload []byte, buf *[]byte, weight int64, onReader bool) {
 	defer c.work.Done()
 	exp := c.exp
-	r := reply{handle: req.handle, weight: weight, buf: buf}
-	off := int64(req.offset)
-	n := int64(req.length)
-	fua := req.flags&cmdFlagFUA != 0
+	r := reply{handle: req.Handle, weight: weight, buf: buf}
+	off := int64(req.Offset)
+	n := int64(req.Length)
+	fua := req.Flags&nbdproto.CmdFlagFUA != 0
 	var err error
-	switch req.typ {
-	case cmdRead:
+	switch req.Type {
+	case nbdproto.CmdRead:
 		r.buf = getBuf(int(n))
 		p := (*r.buf)[:n]
 		var got int
@@ -294,7 +296,7 @@ func (c *conn) do(req request, payload []byte, buf *[]byte, weight int64, onRead
 			// Data in hand: only now may a success header be sent.
 			r.data = p
 		}
-	case cmdWrite:
+	case nbdproto.CmdWrite:
 		p := payload
 		if !fua {
 			start := time.Now()
@@ -314,7 +316,7 @@ func (c *conn) do(req request, payload []byte, buf *[]byte, weight int64, onRead
 				err = exp.flusher.Flush()
 			}
 		}
-	case cmdFlush:
+	case nbdproto.CmdFlush:
 		// Every write replied to before this FLUSH was read had returned
 		// from the backend, so a backend Flush now covers all of them.
 		if exp.flusher != nil {
@@ -325,12 +327,12 @@ func (c *conn) do(req request, payload []byte, buf *[]byte, weight int64, onRead
 		} else {
 			c.flushCost.Store(0)
 		}
-	case cmdTrim:
+	case nbdproto.CmdTrim:
 		err = exp.trimmer.Trim(off, n)
 		if err == nil && fua && exp.flusher != nil {
 			err = exp.flusher.Flush()
 		}
-	case cmdWriteZeroes:
+	case nbdproto.CmdWriteZeroes:
 		// NO_HOLE needs nothing: our zeros always read back as zeros and
 		// allocation is advisory (see Zeroer).
 		err = exp.zeroer.WriteZeroes(off, n)
@@ -341,7 +343,7 @@ func (c *conn) do(req request, payload []byte, buf *[]byte, weight int64, onRead
 	if err != nil {
 		r.errno = Errno(err)
 		r.data = nil
-		klog.V(2).InfoS("NBD request failed", "export", exp.Name, "cmd", cmdName(req.typ), "offset", off, "length", n, "errno", r.errno, "err", err)
+		klog.V(2).InfoS("NBD request failed", "export", exp.Name, "cmd", nbdproto.CmdName(req.Type), "offset", off, "length", n, "errno", r.errno, "err", err)
 	}
 	c.send(r, onReader)
 }
@@ -357,8 +359,8 @@ func (c *conn) send(r reply, onReader bool) {
 	c.ready.Add(1)
 	c.wmu.Lock()
 	if c.werr == nil {
-		var hdr [replyHdrSize]byte
-		putReply(hdr[:], r.errno, r.handle)
+		var hdr [nbdproto.ReplyHeaderSize]byte
+		nbdproto.PutReply(hdr[:], r.errno, r.handle)
 		if _, c.werr = c.bw.Write(hdr[:]); c.werr == nil && r.data != nil {
 			_, c.werr = c.bw.Write(r.data)
 		}
@@ -368,7 +370,7 @@ func (c *conn) send(r reply, onReader bool) {
 	// before it can block, see flushPending).
 	readerWillFlush := c.readerBusy.Load()
 	if onReader {
-		readerWillFlush = c.br.Buffered()-c.unread >= requestHdrSize
+		readerWillFlush = c.br.Buffered()-c.unread >= nbdproto.RequestHeaderSize
 	}
 	if c.ready.Add(-1) == 0 && c.werr == nil && !readerWillFlush {
 		c.werr = c.bw.Flush()

@@ -12,8 +12,8 @@
 // SEND_WRITE_ZEROES and does not implement those commands. Without
 // SEND_FLUSH the Linux driver assumes the disk has no write cache and never
 // sends a flush, so fsync above a write-back cache would promise nothing.
-// We keep go-nbd's protocol package for the wire constants and handshake
-// structs it defines, and add the ones it lacks in protocol.go.
+// The wire format (go-nbd's protocol definitions where it has them, the
+// rest from the protocol document) is package nbdproto's.
 //
 // Concurrency and memory: per connection, one reader goroutine parses
 // requests and hands each to its own goroutine, which calls the backend and

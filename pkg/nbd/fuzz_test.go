@@ -8,6 +8,8 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"github.com/writeboost-csi/writeboost-csi/pkg/nbdproto"
 )
 
 // streamConn is a net.Conn reading a fixed byte stream and discarding
@@ -27,7 +29,7 @@ func (s *streamConn) SetReadDeadline(time.Time) error  { return nil }
 func (s *streamConn) SetWriteDeadline(time.Time) error { return nil }
 
 func reqBytes(typ, flags uint16, handle, off uint64, length uint32, payload []byte) []byte {
-	b := binary.BigEndian.AppendUint32(nil, magicRequest)
+	b := binary.BigEndian.AppendUint32(nil, nbdproto.MagicRequest)
 	b = binary.BigEndian.AppendUint16(b, flags)
 	b = binary.BigEndian.AppendUint16(b, typ)
 	b = binary.BigEndian.AppendUint64(b, handle)
@@ -37,7 +39,7 @@ func reqBytes(typ, flags uint16, handle, off uint64, length uint32, payload []by
 }
 
 func optBytes(opt uint32, data []byte) []byte {
-	b := binary.BigEndian.AppendUint64(nil, magicOption)
+	b := binary.BigEndian.AppendUint64(nil, nbdproto.MagicOption)
 	b = binary.BigEndian.AppendUint32(b, opt)
 	b = binary.BigEndian.AppendUint32(b, uint32(len(data)))
 	return append(b, data...)
@@ -46,14 +48,14 @@ func optBytes(opt uint32, data []byte) []byte {
 // FuzzRequest feeds arbitrary transmission streams to a connection: it
 // must never panic or hang, and what it writes must be replies.
 func FuzzRequest(f *testing.F) {
-	f.Add(reqBytes(cmdRead, 0, 1, 0, 512, nil))
-	f.Add(append(reqBytes(cmdWrite, cmdFlagFUA, 2, 100, 4, []byte("abcd")), reqBytes(cmdFlush, 0, 3, 0, 0, nil)...))
-	f.Add(reqBytes(cmdTrim, 0, 4, 0, 1<<30, nil))
-	f.Add(reqBytes(cmdWriteZeroes, cmdFlagNoHole, 5, 4096, 4096, nil))
-	f.Add(reqBytes(cmdWrite, 0, 6, 1<<20, 16, make([]byte, 16)))
-	f.Add(reqBytes(cmdRead, 0, 7, ^uint64(0), ^uint32(0), nil))
-	f.Add(reqBytes(cmdDisc, 0, 8, 0, 0, nil))
-	f.Add(reqBytes(cmdBlockStatus, 0, 9, 0, 512, nil))
+	f.Add(reqBytes(nbdproto.CmdRead, 0, 1, 0, 512, nil))
+	f.Add(append(reqBytes(nbdproto.CmdWrite, nbdproto.CmdFlagFUA, 2, 100, 4, []byte("abcd")), reqBytes(nbdproto.CmdFlush, 0, 3, 0, 0, nil)...))
+	f.Add(reqBytes(nbdproto.CmdTrim, 0, 4, 0, 1<<30, nil))
+	f.Add(reqBytes(nbdproto.CmdWriteZeroes, nbdproto.CmdFlagNoHole, 5, 4096, 4096, nil))
+	f.Add(reqBytes(nbdproto.CmdWrite, 0, 6, 1<<20, 16, make([]byte, 16)))
+	f.Add(reqBytes(nbdproto.CmdRead, 0, 7, ^uint64(0), ^uint32(0), nil))
+	f.Add(reqBytes(nbdproto.CmdDisc, 0, 8, 0, 0, nil))
+	f.Add(reqBytes(nbdproto.CmdBlockStatus, 0, 9, 0, 512, nil))
 	f.Add([]byte{0x25, 0x60, 0x95, 0x13, 0, 0})
 	srv := NewServer(Config{})
 	exp := newExportState(Export{Backend: NewMemBackend(64 << 10)})
@@ -69,7 +71,7 @@ func FuzzRequest(f *testing.F) {
 		c.wmu.Unlock()
 		// Replies may carry READ data of lengths only the requests
 		// know, so check the stream begins with a well-formed reply.
-		if out := sc.out.Bytes(); len(out) > 0 && (len(out) < replyHdrSize || binary.BigEndian.Uint32(out) != magicReply) {
+		if out := sc.out.Bytes(); len(out) > 0 && (len(out) < nbdproto.ReplyHeaderSize || binary.BigEndian.Uint32(out) != nbdproto.MagicReply) {
 			t.Fatalf("malformed reply stream %x", out[:min(len(out), 16)])
 		}
 	})
@@ -84,7 +86,7 @@ func (f fuzzSource) shuttingDown() bool                    { return false }
 // FuzzHandshake feeds arbitrary client bytes to the negotiation: it must
 // never panic, and succeed only with a known export.
 func FuzzHandshake(f *testing.F) {
-	flags := binary.BigEndian.AppendUint32(nil, clientFixedNewstyle|clientNoZeroes)
+	flags := binary.BigEndian.AppendUint32(nil, nbdproto.ClientFixedNewstyle|nbdproto.ClientNoZeroes)
 	seed := func(opts ...[]byte) []byte {
 		b := append([]byte(nil), flags...)
 		for _, o := range opts {
@@ -92,13 +94,13 @@ func FuzzHandshake(f *testing.F) {
 		}
 		return b
 	}
-	f.Add(seed(optBytes(optGo, infoPayload("", infoBlockSize))))
-	f.Add(seed(optBytes(optInfo, infoPayload("disk", infoName, infoDescription)), optBytes(optGo, infoPayload("disk"))))
-	f.Add(seed(optBytes(optList, nil), optBytes(optStructuredRepl, nil), optBytes(optExportName, []byte("disk"))))
-	f.Add(seed(optBytes(optAbort, nil)))
-	f.Add(seed(optBytes(optInfo, []byte{0, 0, 0, 9, 'a'})))
-	f.Add(seed(optBytes(optGo, []byte{0xff, 0xff, 0xff, 0xff, 0, 0})))
-	f.Add(seed(optBytes(99, []byte("x")), optBytes(optExportName, []byte("nope"))))
+	f.Add(seed(optBytes(nbdproto.OptGo, infoPayload("", nbdproto.InfoBlockSize))))
+	f.Add(seed(optBytes(nbdproto.OptInfo, infoPayload("disk", nbdproto.InfoName, nbdproto.InfoDescription)), optBytes(nbdproto.OptGo, infoPayload("disk"))))
+	f.Add(seed(optBytes(nbdproto.OptList, nil), optBytes(nbdproto.OptStructuredReply, nil), optBytes(nbdproto.OptExportName, []byte("disk"))))
+	f.Add(seed(optBytes(nbdproto.OptAbort, nil)))
+	f.Add(seed(optBytes(nbdproto.OptInfo, []byte{0, 0, 0, 9, 'a'})))
+	f.Add(seed(optBytes(nbdproto.OptGo, []byte{0xff, 0xff, 0xff, 0xff, 0, 0})))
+	f.Add(seed(optBytes(99, []byte("x")), optBytes(nbdproto.OptExportName, []byte("nope"))))
 	src := fuzzSource{exps: map[string]*exportState{
 		"":     newExportState(Export{Backend: NewMemBackend(4096)}),
 		"disk": newExportState(Export{Name: "disk", Description: "d", Backend: NewMemBackend(8192)}),
@@ -118,14 +120,14 @@ func FuzzHandshake(f *testing.F) {
 func FuzzParseRequest(f *testing.F) {
 	f.Add(uint16(1), uint16(0), uint64(1), uint64(2), uint32(3))
 	f.Fuzz(func(t *testing.T, flags, typ uint16, handle, off uint64, n uint32) {
-		var h [requestHdrSize]byte
+		var h [nbdproto.RequestHeaderSize]byte
 		copy(h[:], reqBytes(typ, flags, handle, off, n, nil))
-		r, err := parseRequest(&h)
-		if err != nil || r != (request{flags: flags, typ: typ, handle: handle, offset: off, length: n}) {
+		r, err := nbdproto.ParseRequest(&h)
+		if err != nil || r != (nbdproto.Request{Flags: flags, Type: typ, Handle: handle, Offset: off, Length: n}) {
 			t.Fatalf("round trip: %+v %v", r, err)
 		}
 		h[0] ^= 1
-		if _, err := parseRequest(&h); err == nil {
+		if _, err := nbdproto.ParseRequest(&h); err == nil {
 			t.Fatal("bad magic accepted")
 		}
 	})

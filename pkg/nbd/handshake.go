@@ -7,7 +7,7 @@ import (
 	"fmt"
 	"io"
 
-	"github.com/pojntfx/go-nbd/pkg/protocol"
+	"github.com/writeboost-csi/writeboost-csi/pkg/nbdproto"
 )
 
 // errAbort ends a handshake the client aborted (NBD_OPT_ABORT): not a failure.
@@ -24,10 +24,10 @@ type exportSource interface {
 // handshake runs fixed-newstyle negotiation and returns the export the
 // client chose. Any error means the connection must be closed.
 func handshake(src exportSource, br *bufio.Reader, bw *bufio.Writer) (*exportState, error) {
-	if err := binary.Write(bw, binary.BigEndian, protocol.NegotiationNewstyleHeader{
-		OldstyleMagic:  magicNBD,
-		OptionMagic:    magicOption,
-		HandshakeFlags: flagFixedNewstyle | flagNoZeroes,
+	if err := binary.Write(bw, binary.BigEndian, nbdproto.NewstyleHeader{
+		OldstyleMagic:  nbdproto.MagicNBD,
+		OptionMagic:    nbdproto.MagicOption,
+		HandshakeFlags: nbdproto.FlagFixedNewstyle | nbdproto.FlagNoZeroes,
 	}); err != nil {
 		return nil, err
 	}
@@ -38,22 +38,22 @@ func handshake(src exportSource, br *bufio.Reader, bw *bufio.Writer) (*exportSta
 	if err := binary.Read(br, binary.BigEndian, &cflags); err != nil {
 		return nil, fmt.Errorf("read client flags: %w", err)
 	}
-	if cflags&^clientKnownFlags != 0 {
+	if cflags&^nbdproto.ClientKnownFlags != 0 {
 		// The spec: the server MUST close if it does not know a client flag.
 		return nil, fmt.Errorf("unknown client flags %#x", cflags)
 	}
-	noZeroes := cflags&clientNoZeroes != 0
+	noZeroes := cflags&nbdproto.ClientNoZeroes != 0
 
 	var payload []byte
 	for n := 0; ; n++ {
 		if n >= maxOptions {
 			return nil, fmt.Errorf("more than %d options", maxOptions)
 		}
-		var hdr protocol.NegotiationOptionHeader
+		var hdr nbdproto.OptionHeader
 		if err := binary.Read(br, binary.BigEndian, &hdr); err != nil {
 			return nil, fmt.Errorf("read option header: %w", err)
 		}
-		if hdr.OptionMagic != magicOption {
+		if hdr.OptionMagic != nbdproto.MagicOption {
 			return nil, fmt.Errorf("bad option magic %#x", hdr.OptionMagic)
 		}
 		if hdr.Length > maxOptionLen {
@@ -66,14 +66,14 @@ func handshake(src exportSource, br *bufio.Reader, bw *bufio.Writer) (*exportSta
 		if _, err := io.ReadFull(br, payload); err != nil {
 			return nil, fmt.Errorf("read option %d payload: %w", hdr.ID, err)
 		}
-		if src.shuttingDown() && hdr.ID != optAbort {
-			if err := optReply(bw, hdr.ID, repErrShutdwn, []byte("server shutting down")); err != nil {
+		if src.shuttingDown() && hdr.ID != nbdproto.OptAbort {
+			if err := optReply(bw, hdr.ID, nbdproto.RepErrShutdown, []byte("server shutting down")); err != nil {
 				return nil, err
 			}
 			continue
 		}
 		switch hdr.ID {
-		case optExportName:
+		case nbdproto.OptExportName:
 			exp := src.lookupExport(string(payload))
 			if exp == nil {
 				// No way to say no to EXPORT_NAME but to hang up.
@@ -90,12 +90,12 @@ func handshake(src exportSource, br *bufio.Reader, bw *bufio.Writer) (*exportSta
 				return nil, err
 			}
 			return exp, bw.Flush()
-		case optAbort:
-			_ = optReply(bw, hdr.ID, repAck, nil) // the client may already be gone
+		case nbdproto.OptAbort:
+			_ = optReply(bw, hdr.ID, nbdproto.RepAck, nil) // the client may already be gone
 			return nil, errAbort
-		case optList:
+		case nbdproto.OptList:
 			if len(payload) != 0 {
-				if err := optReply(bw, hdr.ID, repErrInvalid, []byte("NBD_OPT_LIST takes no data")); err != nil {
+				if err := optReply(bw, hdr.ID, nbdproto.RepErrInvalid, []byte("NBD_OPT_LIST takes no data")); err != nil {
 					return nil, err
 				}
 				continue
@@ -104,25 +104,25 @@ func handshake(src exportSource, br *bufio.Reader, bw *bufio.Writer) (*exportSta
 				b := make([]byte, 4+len(name))
 				binary.BigEndian.PutUint32(b, uint32(len(name)))
 				copy(b[4:], name)
-				if err := optReply(bw, hdr.ID, repServer, b); err != nil {
+				if err := optReply(bw, hdr.ID, nbdproto.RepServer, b); err != nil {
 					return nil, err
 				}
 			}
-			if err := optReply(bw, hdr.ID, repAck, nil); err != nil {
+			if err := optReply(bw, hdr.ID, nbdproto.RepAck, nil); err != nil {
 				return nil, err
 			}
-		case optInfo, optGo:
+		case nbdproto.OptInfo, nbdproto.OptGo:
 			exp, err := replyInfo(src, bw, hdr.ID, payload)
 			if err != nil {
 				return nil, err
 			}
-			if exp != nil && hdr.ID == optGo {
+			if exp != nil && hdr.ID == nbdproto.OptGo {
 				return exp, bw.Flush()
 			}
 		default:
 			// Includes NBD_OPT_STRUCTURED_REPLY: we only send simple
 			// replies, which every client must accept after ERR_UNSUP.
-			if err := optReply(bw, hdr.ID, repErrUnsup, nil); err != nil {
+			if err := optReply(bw, hdr.ID, nbdproto.RepErrUnsup, nil); err != nil {
 				return nil, err
 			}
 		}
@@ -133,73 +133,73 @@ func handshake(src exportSource, br *bufio.Reader, bw *bufio.Writer) (*exportSta
 // the option succeeded, nil (and no error) when an error reply was sent.
 func replyInfo(src exportSource, bw *bufio.Writer, opt uint32, p []byte) (*exportState, error) {
 	if len(p) < 4 {
-		return nil, optReply(bw, opt, repErrInvalid, []byte("option data too short"))
+		return nil, optReply(bw, opt, nbdproto.RepErrInvalid, []byte("option data too short"))
 	}
 	nameLen := binary.BigEndian.Uint32(p)
 	if uint64(nameLen)+6 > uint64(len(p)) {
-		return nil, optReply(bw, opt, repErrInvalid, []byte("export name length exceeds option data"))
+		return nil, optReply(bw, opt, nbdproto.RepErrInvalid, []byte("export name length exceeds option data"))
 	}
 	name := string(p[4 : 4+nameLen])
 	rest := p[4+nameLen:]
 	nreq := int(binary.BigEndian.Uint16(rest))
 	rest = rest[2:]
 	if len(rest) != 2*nreq {
-		return nil, optReply(bw, opt, repErrInvalid, []byte("information request count does not match option length"))
+		return nil, optReply(bw, opt, nbdproto.RepErrInvalid, []byte("information request count does not match option length"))
 	}
 	exp := src.lookupExport(name)
 	if exp == nil {
-		return nil, optReply(bw, opt, repErrUnknown, []byte("no export named "+name))
+		return nil, optReply(bw, opt, nbdproto.RepErrUnknown, []byte("no export named "+name))
 	}
 	var wantName, wantDesc bool
 	for i := 0; i < nreq; i++ {
 		switch binary.BigEndian.Uint16(rest[2*i:]) {
-		case infoName:
+		case nbdproto.InfoName:
 			wantName = true
-		case infoDescription:
+		case nbdproto.InfoDescription:
 			wantDesc = true
 		}
 	}
 	var b [18]byte
-	binary.BigEndian.PutUint16(b[0:2], infoExport)
+	binary.BigEndian.PutUint16(b[0:2], nbdproto.InfoExport)
 	binary.BigEndian.PutUint64(b[2:10], exp.size)
 	binary.BigEndian.PutUint16(b[10:12], exp.flags)
-	if err := optReply(bw, opt, repInfo, b[:12]); err != nil {
+	if err := optReply(bw, opt, nbdproto.RepInfo, b[:12]); err != nil {
 		return nil, err
 	}
 	if wantName {
 		nb := make([]byte, 2+len(exp.Name))
-		binary.BigEndian.PutUint16(nb, infoName)
+		binary.BigEndian.PutUint16(nb, nbdproto.InfoName)
 		copy(nb[2:], exp.Name)
-		if err := optReply(bw, opt, repInfo, nb); err != nil {
+		if err := optReply(bw, opt, nbdproto.RepInfo, nb); err != nil {
 			return nil, err
 		}
 	}
 	if wantDesc && exp.Description != "" {
 		db := make([]byte, 2+len(exp.Description))
-		binary.BigEndian.PutUint16(db, infoDescription)
+		binary.BigEndian.PutUint16(db, nbdproto.InfoDescription)
 		copy(db[2:], exp.Description)
-		if err := optReply(bw, opt, repInfo, db); err != nil {
+		if err := optReply(bw, opt, nbdproto.RepInfo, db); err != nil {
 			return nil, err
 		}
 	}
 	// Block sizes are sent whether asked for or not (the spec allows it):
 	// a client that ignores them still works, since we accept any alignment.
-	binary.BigEndian.PutUint16(b[0:2], infoBlockSize)
+	binary.BigEndian.PutUint16(b[0:2], nbdproto.InfoBlockSize)
 	binary.BigEndian.PutUint32(b[2:6], exp.minBS)
 	binary.BigEndian.PutUint32(b[6:10], exp.prefBS)
 	binary.BigEndian.PutUint32(b[10:14], exp.maxBS)
-	if err := optReply(bw, opt, repInfo, b[:14]); err != nil {
+	if err := optReply(bw, opt, nbdproto.RepInfo, b[:14]); err != nil {
 		return nil, err
 	}
-	if err := optReply(bw, opt, repAck, nil); err != nil {
+	if err := optReply(bw, opt, nbdproto.RepAck, nil); err != nil {
 		return nil, err
 	}
 	return exp, nil
 }
 
 func optReply(bw *bufio.Writer, opt, typ uint32, data []byte) error {
-	if err := binary.Write(bw, binary.BigEndian, protocol.NegotiationReplyHeader{
-		ReplyMagic: magicOptReply,
+	if err := binary.Write(bw, binary.BigEndian, nbdproto.OptReplyHeader{
+		ReplyMagic: nbdproto.MagicOptReply,
 		ID:         opt,
 		Type:       typ,
 		Length:     uint32(len(data)),
@@ -209,7 +209,7 @@ func optReply(bw *bufio.Writer, opt, typ uint32, data []byte) error {
 	if _, err := bw.Write(data); err != nil {
 		return err
 	}
-	if typ == repServer || (typ == repInfo) {
+	if typ == nbdproto.RepServer || (typ == nbdproto.RepInfo) {
 		return nil // more replies to this option follow
 	}
 	return bw.Flush()

@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/writeboost-csi/writeboost-csi/pkg/nbdproto"
 )
 
 // plainBackend has no optional capability at all.
@@ -148,10 +150,10 @@ func TestHandshakeGoInfo(t *testing.T) {
 	_, path := startServer(t, Config{},
 		Export{Name: "", Description: "default disk", Backend: NewMemBackend(1 << 20)},
 		Export{Name: "other", Backend: NewMemBackend(3 << 20), ReadOnly: true})
-	c := dialRaw(t, path, clientFixedNewstyle)
+	c := dialRaw(t, path, nbdproto.ClientFixedNewstyle)
 
-	infos, r := c.goInfo(optInfo, "other", infoName, infoDescription, infoBlockSize)
-	if r.typ != repAck {
+	infos, r := c.goInfo(nbdproto.OptInfo, "other", nbdproto.InfoName, nbdproto.InfoDescription, nbdproto.InfoBlockSize)
+	if r.typ != nbdproto.RepAck {
 		t.Fatalf("OPT_INFO reply %#x", r.typ)
 	}
 	if c.size != 3<<20 {
@@ -160,74 +162,74 @@ func TestHandshakeGoInfo(t *testing.T) {
 	if c.flags&FlagReadOnly == 0 || c.flags&FlagSendTrim != 0 || c.flags&FlagSendWriteZeroes != 0 || c.flags&FlagSendFUA != 0 {
 		t.Errorf("read-only export flags %#x", c.flags)
 	}
-	if string(infos[infoName]) != "other" {
-		t.Errorf("INFO_NAME %q", infos[infoName])
+	if string(infos[nbdproto.InfoName]) != "other" {
+		t.Errorf("INFO_NAME %q", infos[nbdproto.InfoName])
 	}
-	if _, ok := infos[infoDescription]; ok {
+	if _, ok := infos[nbdproto.InfoDescription]; ok {
 		t.Errorf("empty description sent")
 	}
-	bs := infos[infoBlockSize]
+	bs := infos[nbdproto.InfoBlockSize]
 	if len(bs) != 12 || binary.BigEndian.Uint32(bs) != 512 || binary.BigEndian.Uint32(bs[4:]) != 4096 || binary.BigEndian.Uint32(bs[8:]) != MaxPayload {
 		t.Errorf("INFO_BLOCK_SIZE %x", bs)
 	}
 
 	// Still negotiating after OPT_INFO: now OPT_GO on the default export.
-	infos, r = c.goInfo(optGo, "", infoDescription)
-	if r.typ != repAck {
+	infos, r = c.goInfo(nbdproto.OptGo, "", nbdproto.InfoDescription)
+	if r.typ != nbdproto.RepAck {
 		t.Fatalf("OPT_GO reply %#x", r.typ)
 	}
-	if string(infos[infoDescription]) != "default disk" {
-		t.Errorf("INFO_DESCRIPTION %q", infos[infoDescription])
+	if string(infos[nbdproto.InfoDescription]) != "default disk" {
+		t.Errorf("INFO_DESCRIPTION %q", infos[nbdproto.InfoDescription])
 	}
 	want := FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagSendTrim | FlagSendWriteZeroes | FlagCanMultiConn
 	if c.flags != want {
 		t.Errorf("flags %#x, want %#x", c.flags, want)
 	}
-	if r := c.do(cmdWrite, 0, 512, 4, []byte("abcd")); r.errno != 0 {
+	if r := c.do(nbdproto.CmdWrite, 0, 512, 4, []byte("abcd")); r.errno != 0 {
 		t.Fatalf("write errno %d", r.errno)
 	}
-	if r := c.do(cmdRead, 0, 510, 8, nil); r.errno != 0 || !bytes.Equal(r.data, []byte("\x00\x00abcd\x00\x00")) {
+	if r := c.do(nbdproto.CmdRead, 0, 510, 8, nil); r.errno != 0 || !bytes.Equal(r.data, []byte("\x00\x00abcd\x00\x00")) {
 		t.Fatalf("read %d %q", r.errno, r.data)
 	}
 }
 
 func TestHandshakeOptionErrors(t *testing.T) {
 	_, path := startServer(t, Config{}, Export{Name: "a", Backend: NewMemBackend(4096)}, Export{Name: "b", Backend: NewMemBackend(4096)})
-	c := dialRaw(t, path, clientFixedNewstyle|clientNoZeroes)
+	c := dialRaw(t, path, nbdproto.ClientFixedNewstyle|nbdproto.ClientNoZeroes)
 
-	if _, r := c.goInfo(optGo, "nope"); r.typ != repErrUnknown {
+	if _, r := c.goInfo(nbdproto.OptGo, "nope"); r.typ != nbdproto.RepErrUnknown {
 		t.Errorf("unknown export: reply %#x", r.typ)
 	}
-	c.sendOpt(optStructuredRepl, nil)
-	if r := c.mustOpt(); r.typ != repErrUnsup || r.opt != optStructuredRepl {
+	c.sendOpt(nbdproto.OptStructuredReply, nil)
+	if r := c.mustOpt(); r.typ != nbdproto.RepErrUnsup || r.opt != nbdproto.OptStructuredReply {
 		t.Errorf("STRUCTURED_REPLY: %+v", r)
 	}
 	c.sendOpt(42, []byte("whatever"))
-	if r := c.mustOpt(); r.typ != repErrUnsup || r.opt != 42 {
+	if r := c.mustOpt(); r.typ != nbdproto.RepErrUnsup || r.opt != 42 {
 		t.Errorf("unknown option: %+v", r)
 	}
 	// Info request count disagreeing with the length.
-	bad := infoPayload("a", infoName)
-	c.sendOpt(optInfo, bad[:len(bad)-1])
-	if r := c.mustOpt(); r.typ != repErrInvalid {
+	bad := infoPayload("a", nbdproto.InfoName)
+	c.sendOpt(nbdproto.OptInfo, bad[:len(bad)-1])
+	if r := c.mustOpt(); r.typ != nbdproto.RepErrInvalid {
 		t.Errorf("short OPT_INFO: %+v", r)
 	}
-	c.sendOpt(optInfo, []byte{0, 0, 1, 0}) // name length beyond the data
-	if r := c.mustOpt(); r.typ != repErrInvalid {
+	c.sendOpt(nbdproto.OptInfo, []byte{0, 0, 1, 0}) // name length beyond the data
+	if r := c.mustOpt(); r.typ != nbdproto.RepErrInvalid {
 		t.Errorf("bad name length: %+v", r)
 	}
-	c.sendOpt(optList, []byte{1})
-	if r := c.mustOpt(); r.typ != repErrInvalid {
+	c.sendOpt(nbdproto.OptList, []byte{1})
+	if r := c.mustOpt(); r.typ != nbdproto.RepErrInvalid {
 		t.Errorf("OPT_LIST with data: %+v", r)
 	}
-	c.sendOpt(optList, nil)
+	c.sendOpt(nbdproto.OptList, nil)
 	var names []string
 	for {
 		r := c.mustOpt()
-		if r.typ == repAck {
+		if r.typ == nbdproto.RepAck {
 			break
 		}
-		if r.typ != repServer || binary.BigEndian.Uint32(r.data) != uint32(len(r.data)-4) {
+		if r.typ != nbdproto.RepServer || binary.BigEndian.Uint32(r.data) != uint32(len(r.data)-4) {
 			t.Fatalf("OPT_LIST reply %+v", r)
 		}
 		names = append(names, string(r.data[4:]))
@@ -235,8 +237,8 @@ func TestHandshakeOptionErrors(t *testing.T) {
 	if fmt.Sprint(names) != "[a b]" {
 		t.Errorf("exports %v", names)
 	}
-	c.sendOpt(optAbort, nil)
-	if r := c.mustOpt(); r.typ != repAck {
+	c.sendOpt(nbdproto.OptAbort, nil)
+	if r := c.mustOpt(); r.typ != nbdproto.RepAck {
 		t.Errorf("abort: %+v", r)
 	}
 	c.expectClosed()
@@ -246,12 +248,12 @@ func TestHandshakeExportName(t *testing.T) {
 	_, path := startServer(t, Config{}, Export{Name: "x", Backend: NewMemBackend(8192)})
 	for _, noZeroes := range []bool{false, true} {
 		t.Run(fmt.Sprint("noZeroes=", noZeroes), func(t *testing.T) {
-			cf := clientFixedNewstyle
+			cf := nbdproto.ClientFixedNewstyle
 			if noZeroes {
-				cf |= clientNoZeroes
+				cf |= nbdproto.ClientNoZeroes
 			}
 			c := dialRaw(t, path, cf)
-			c.sendOpt(optExportName, []byte("x"))
+			c.sendOpt(nbdproto.OptExportName, []byte("x"))
 			n := 10
 			if !noZeroes {
 				n += 124
@@ -264,13 +266,13 @@ func TestHandshakeExportName(t *testing.T) {
 				t.Fatalf("size %x", b[:8])
 			}
 			// Exactly n bytes: the next thing on the wire is our reply.
-			if r := c.do(cmdFlush, 0, 0, 0, nil); r.errno != 0 {
+			if r := c.do(nbdproto.CmdFlush, 0, 0, 0, nil); r.errno != 0 {
 				t.Fatalf("flush errno %d", r.errno)
 			}
 		})
 	}
-	c := dialRaw(t, path, clientFixedNewstyle)
-	c.sendOpt(optExportName, []byte("missing"))
+	c := dialRaw(t, path, nbdproto.ClientFixedNewstyle)
+	c.sendOpt(nbdproto.OptExportName, []byte("missing"))
 	c.expectClosed()
 }
 
@@ -279,11 +281,11 @@ func TestHandshakeHostileClientsClosed(t *testing.T) {
 	c := dialRaw(t, path, 1<<7) // unknown client flag
 	c.expectClosed()
 
-	c = dialRaw(t, path, clientFixedNewstyle)
-	c.sendOpt(optInfo, make([]byte, maxOptionLen+1))
+	c = dialRaw(t, path, nbdproto.ClientFixedNewstyle)
+	c.sendOpt(nbdproto.OptInfo, make([]byte, maxOptionLen+1))
 	c.expectClosed()
 
-	c = dialRaw(t, path, clientFixedNewstyle)
+	c = dialRaw(t, path, nbdproto.ClientFixedNewstyle)
 	c.write(make([]byte, 16)) // bad option magic
 	c.expectClosed()
 }
@@ -316,25 +318,25 @@ func TestReadWriteTrimZeroes(t *testing.T) {
 	for i := range data {
 		data[i] = byte(i*7 + 1)
 	}
-	if r := c.do(cmdWrite, cmdFlagFUA, 1000, uint32(len(data)), data); r.errno != 0 {
+	if r := c.do(nbdproto.CmdWrite, nbdproto.CmdFlagFUA, 1000, uint32(len(data)), data); r.errno != 0 {
 		t.Fatalf("write: %d", r.errno)
 	}
-	if r := c.do(cmdRead, 0, 1000, uint32(len(data)), nil); !bytes.Equal(r.data, data) {
+	if r := c.do(nbdproto.CmdRead, 0, 1000, uint32(len(data)), nil); !bytes.Equal(r.data, data) {
 		t.Fatal("read back differs")
 	}
-	if r := c.do(cmdTrim, 0, 4096, 4096, nil); r.errno != 0 {
+	if r := c.do(nbdproto.CmdTrim, 0, 4096, 4096, nil); r.errno != 0 {
 		t.Fatalf("trim: %d", r.errno)
 	}
-	if r := c.do(cmdWriteZeroes, cmdFlagNoHole|cmdFlagFUA, 16384, 100, nil); r.errno != 0 {
+	if r := c.do(nbdproto.CmdWriteZeroes, nbdproto.CmdFlagNoHole|nbdproto.CmdFlagFUA, 16384, 100, nil); r.errno != 0 {
 		t.Fatalf("write zeroes: %d", r.errno)
 	}
 	want := append([]byte(nil), data...)
 	clear(want[4096-1000 : 8192-1000])
 	clear(want[16384-1000 : 16384-1000+100])
-	if r := c.do(cmdRead, 0, 1000, uint32(len(data)), nil); !bytes.Equal(r.data, want) {
+	if r := c.do(nbdproto.CmdRead, 0, 1000, uint32(len(data)), nil); !bytes.Equal(r.data, want) {
 		t.Fatal("trimmed/zeroed ranges do not read back as zeros")
 	}
-	c.send(cmdDisc, 0, 9, 0, 0, nil)
+	c.send(nbdproto.CmdDisc, 0, 9, 0, 0, nil)
 	c.expectClosed()
 }
 
@@ -353,16 +355,16 @@ func TestRequestValidation(t *testing.T) {
 		payload bool
 		want    uint32
 	}{
-		{"read past end", cmdRead, size - 512, 1024, false, errInval},
-		{"read offset overflow", cmdRead, ^uint64(0) - 10, 512, false, errInval},
-		{"write past end", cmdWrite, size - 512, 1024, true, errNoSpc},
-		{"trim past end", cmdTrim, size, 1, false, errInval},
-		{"zeroes past end", cmdWriteZeroes, size - 1, 2, false, errNoSpc},
-		{"read too large", cmdRead, 0, MaxPayload + 1, false, errInval},
-		{"cache", cmdCache, 0, 512, false, errInval},
-		{"block status", cmdBlockStatus, 0, 512, false, errInval},
-		{"unknown", 99, 0, 512, false, errInval},
-		{"read at end, empty", cmdRead, size, 0, false, 0},
+		{"read past end", nbdproto.CmdRead, size - 512, 1024, false, nbdproto.ErrInval},
+		{"read offset overflow", nbdproto.CmdRead, ^uint64(0) - 10, 512, false, nbdproto.ErrInval},
+		{"write past end", nbdproto.CmdWrite, size - 512, 1024, true, nbdproto.ErrNoSpc},
+		{"trim past end", nbdproto.CmdTrim, size, 1, false, nbdproto.ErrInval},
+		{"zeroes past end", nbdproto.CmdWriteZeroes, size - 1, 2, false, nbdproto.ErrNoSpc},
+		{"read too large", nbdproto.CmdRead, 0, MaxPayload + 1, false, nbdproto.ErrInval},
+		{"cache", nbdproto.CmdCache, 0, 512, false, nbdproto.ErrInval},
+		{"block status", nbdproto.CmdBlockStatus, 0, 512, false, nbdproto.ErrInval},
+		{"unknown", 99, 0, 512, false, nbdproto.ErrInval},
+		{"read at end, empty", nbdproto.CmdRead, size, 0, false, 0},
 	} {
 		var p []byte
 		if tc.payload {
@@ -373,31 +375,31 @@ func TestRequestValidation(t *testing.T) {
 		}
 	}
 	// The stream is still in sync after rejected writes carrying payloads.
-	if r := c.do(cmdWrite, 0, 0, 3, []byte("xyz")); r.errno != 0 {
+	if r := c.do(nbdproto.CmdWrite, 0, 0, 3, []byte("xyz")); r.errno != 0 {
 		t.Fatalf("write after rejects: %d", r.errno)
 	}
 
 	ro := connect(t, path, "ro")
-	for _, typ := range []uint16{cmdWrite, cmdTrim, cmdWriteZeroes} {
+	for _, typ := range []uint16{nbdproto.CmdWrite, nbdproto.CmdTrim, nbdproto.CmdWriteZeroes} {
 		var p []byte
-		if typ == cmdWrite {
+		if typ == nbdproto.CmdWrite {
 			p = make([]byte, 512)
 		}
-		if r := ro.do(typ, 0, 0, 512, p); r.errno != errPerm {
-			t.Errorf("read-only %s: errno %d, want EPERM", cmdName(typ), r.errno)
+		if r := ro.do(typ, 0, 0, 512, p); r.errno != nbdproto.ErrPerm {
+			t.Errorf("read-only %s: errno %d, want EPERM", nbdproto.CmdName(typ), r.errno)
 		}
 	}
-	if r := ro.do(cmdRead, 0, 0, 512, nil); r.errno != 0 {
+	if r := ro.do(nbdproto.CmdRead, 0, 0, 512, nil); r.errno != 0 {
 		t.Errorf("read-only read: %d", r.errno)
 	}
 
 	pl := connect(t, path, "plain")
-	for _, typ := range []uint16{cmdTrim, cmdWriteZeroes} {
-		if r := pl.do(typ, 0, 0, 512, nil); r.errno != errInval {
-			t.Errorf("unadvertised %s: errno %d, want EINVAL", cmdName(typ), r.errno)
+	for _, typ := range []uint16{nbdproto.CmdTrim, nbdproto.CmdWriteZeroes} {
+		if r := pl.do(typ, 0, 0, 512, nil); r.errno != nbdproto.ErrInval {
+			t.Errorf("unadvertised %s: errno %d, want EINVAL", nbdproto.CmdName(typ), r.errno)
 		}
 	}
-	if r := pl.do(cmdFlush, 0, 0, 0, nil); r.errno != 0 {
+	if r := pl.do(nbdproto.CmdFlush, 0, 0, 0, nil); r.errno != 0 {
 		t.Errorf("flush on a backend without cache: %d", r.errno)
 	}
 }
@@ -406,14 +408,14 @@ func TestMalformedRequestClosesOnlyThatConnection(t *testing.T) {
 	_, path := startServer(t, Config{}, Export{Backend: NewMemBackend(1 << 20)})
 	good := connect(t, path, "")
 	bad := connect(t, path, "")
-	bad.write(bytes.Repeat([]byte{0xee}, requestHdrSize))
+	bad.write(bytes.Repeat([]byte{0xee}, nbdproto.RequestHeaderSize))
 	bad.expectClosed()
 
 	huge := connect(t, path, "")
-	huge.send(cmdWrite, 0, 1, 0, MaxPayload+1, nil)
+	huge.send(nbdproto.CmdWrite, 0, 1, 0, MaxPayload+1, nil)
 	huge.expectClosed()
 
-	if r := good.do(cmdWrite, 0, 0, 5, []byte("hello")); r.errno != 0 {
+	if r := good.do(nbdproto.CmdWrite, 0, 0, 5, []byte("hello")); r.errno != 0 {
 		t.Fatalf("good connection broken: %d", r.errno)
 	}
 }
@@ -428,11 +430,11 @@ func TestOutOfOrderReplies(t *testing.T) {
 	if _, err := g.MemBackend.WriteAt([]byte("fast"), 8192); err != nil {
 		t.Fatal(err)
 	}
-	c.send(cmdRead, 0, 1, 0, 4, nil)
+	c.send(nbdproto.CmdRead, 0, 1, 0, 4, nil)
 	if off := <-g.entered; off != 0 {
 		t.Fatalf("first request at %d", off)
 	}
-	c.send(cmdRead, 0, 2, 8192, 4, nil)
+	c.send(nbdproto.CmdRead, 0, 2, 8192, 4, nil)
 	r := c.mustRecv()
 	if r.handle != 2 || string(r.data) != "fast" {
 		t.Fatalf("first reply %d %q, want the unblocked request 2", r.handle, r.data)
@@ -449,7 +451,7 @@ func TestInFlightBounded(t *testing.T) {
 	_, path := startServer(t, Config{MaxInFlightRequests: 2}, Export{Backend: g})
 	c := connect(t, path, "")
 	for i, off := range gated {
-		c.send(cmdWrite, 0, uint64(i), uint64(off), 4096, make([]byte, 4096))
+		c.send(nbdproto.CmdWrite, 0, uint64(i), uint64(off), 4096, make([]byte, 4096))
 	}
 	<-g.entered
 	<-g.entered
@@ -493,7 +495,7 @@ func TestSlowBackendKeepsConcurrency(t *testing.T) {
 		c := connect(t, path, "")
 		const n = 64
 		for i := 0; i < n; i++ {
-			c.send(cmdWrite, 0, uint64(i), uint64(i%16)*4096, 4096, make([]byte, 4096))
+			c.send(nbdproto.CmdWrite, 0, uint64(i), uint64(i%16)*4096, 4096, make([]byte, 4096))
 		}
 		for i := 0; i < n; i++ {
 			if r := c.mustRecv(); r.errno != 0 {
@@ -520,7 +522,7 @@ func TestFlushAndFUADurability(t *testing.T) {
 			c := connect(t, path, "")
 			const n = 32
 			for i := 0; i < n; i++ {
-				c.send(cmdWrite, 0, uint64(i), uint64(i)*4096, 4096, make([]byte, 4096))
+				c.send(nbdproto.CmdWrite, 0, uint64(i), uint64(i)*4096, 4096, make([]byte, 4096))
 			}
 			for i := 0; i < n; i++ {
 				c.mustRecv()
@@ -528,7 +530,7 @@ func TestFlushAndFUADurability(t *testing.T) {
 			if fb.isDurable(0) {
 				t.Fatal("test backend is not modelling a cache")
 			}
-			if r := c.do(cmdFlush, 0, 0, 0, nil); r.errno != 0 {
+			if r := c.do(nbdproto.CmdFlush, 0, 0, 0, nil); r.errno != 0 {
 				t.Fatalf("flush: %d", r.errno)
 			}
 			for i := 0; i < n; i++ {
@@ -536,7 +538,7 @@ func TestFlushAndFUADurability(t *testing.T) {
 					t.Fatalf("write %d replied before FLUSH is not durable after it", i)
 				}
 			}
-			if r := c.do(cmdWrite, cmdFlagFUA, 1<<19, 512, make([]byte, 512)); r.errno != 0 || !fb.isDurable(1<<19) {
+			if r := c.do(nbdproto.CmdWrite, nbdproto.CmdFlagFUA, 1<<19, 512, make([]byte, 512)); r.errno != 0 || !fb.isDurable(1<<19) {
 				t.Fatalf("FUA write not durable at its reply (errno %d)", r.errno)
 			}
 		})
@@ -555,22 +557,22 @@ func TestErrorMapping(t *testing.T) {
 	}}
 	_, path := startServer(t, Config{}, Export{Backend: eb})
 	c := connect(t, path, "")
-	for off, want := range map[uint64]uint32{0: errIO, 4096: errNoSpc, 8192: errInval, 12288: errIO, 16384: errShutdown, 20480: errNoSpc} {
-		if r := c.do(cmdRead, 0, off, 4096, nil); r.errno != want || r.data != nil {
+	for off, want := range map[uint64]uint32{0: nbdproto.ErrIO, 4096: nbdproto.ErrNoSpc, 8192: nbdproto.ErrInval, 12288: nbdproto.ErrIO, 16384: nbdproto.ErrShutdown, 20480: nbdproto.ErrNoSpc} {
+		if r := c.do(nbdproto.CmdRead, 0, off, 4096, nil); r.errno != want || r.data != nil {
 			t.Errorf("read at %d: errno %d, want %d", off, r.errno, want)
 		}
-		if r := c.do(cmdWrite, 0, off, 4096, make([]byte, 4096)); r.errno != want {
+		if r := c.do(nbdproto.CmdWrite, 0, off, 4096, make([]byte, 4096)); r.errno != want {
 			t.Errorf("write at %d: errno %d, want %d", off, r.errno, want)
 		}
 	}
-	if r := c.do(cmdFlush, 0, 0, 0, nil); r.errno != errIO {
+	if r := c.do(nbdproto.CmdFlush, 0, 0, 0, nil); r.errno != nbdproto.ErrIO {
 		t.Errorf("flush: errno %d", r.errno)
 	}
-	if r := c.do(cmdRead, 0, 24576, 4096, nil); r.errno != errIO {
+	if r := c.do(nbdproto.CmdRead, 0, 24576, 4096, nil); r.errno != nbdproto.ErrIO {
 		t.Errorf("short read: errno %d, want EIO", r.errno)
 	}
 	// A failed READ sends no data: the next reply parses cleanly.
-	if r := c.do(cmdRead, 0, 65536, 16, nil); r.errno != 0 || len(r.data) != 16 {
+	if r := c.do(nbdproto.CmdRead, 0, 65536, 16, nil); r.errno != 0 || len(r.data) != 16 {
 		t.Errorf("read after errors: %d", r.errno)
 	}
 }
@@ -589,7 +591,7 @@ func TestShutdownFinishesInFlight(t *testing.T) {
 	served := make(chan error, 1)
 	go func() { served <- s.Serve(l) }()
 	c := connect(t, path, "")
-	c.send(cmdWrite, 0, 1, 4096, 4, []byte("data"))
+	c.send(nbdproto.CmdWrite, 0, 1, 4096, 4, []byte("data"))
 	<-g.entered
 	shut := make(chan error, 1)
 	go func() { shut <- s.Shutdown(context.Background()) }()
@@ -642,7 +644,7 @@ func TestManyConnectionsConcurrent(t *testing.T) {
 						p[j] = byte(rng.Uint32())
 					}
 					copy(shadow[off:], p)
-					c.send(cmdWrite, 0, uint64(i), region+off, 4096, p)
+					c.send(nbdproto.CmdWrite, 0, uint64(i), region+off, 4096, p)
 				}
 				for i := 0; i < depth; i++ {
 					if r := c.mustRecv(); r.errno != 0 {
@@ -652,7 +654,7 @@ func TestManyConnectionsConcurrent(t *testing.T) {
 				}
 			}
 			for i := 0; i < size/4/65536; i++ {
-				c.send(cmdRead, 0, uint64(i), region+uint64(i)*65536, 65536, nil)
+				c.send(nbdproto.CmdRead, 0, uint64(i), region+uint64(i)*65536, 65536, nil)
 			}
 			for i := 0; i < size/4/65536; i++ {
 				r := c.mustRecv()
@@ -768,9 +770,9 @@ func TestAddExportValidation(t *testing.T) {
 
 func TestErrno(t *testing.T) {
 	for err, want := range map[error]uint32{
-		nil: 0, syscall.EPERM: errPerm, syscall.EROFS: errPerm, fmt.Errorf("x: %w", syscall.EINVAL): errInval,
-		syscall.ENOSPC: errNoSpc, syscall.EFBIG: errNoSpc, syscall.ENOMEM: errNoMem, syscall.EOVERFLOW: errOverflow,
-		syscall.ESHUTDOWN: errShutdown, syscall.EIO: errIO, errors.New("x"): errIO,
+		nil: 0, syscall.EPERM: nbdproto.ErrPerm, syscall.EROFS: nbdproto.ErrPerm, fmt.Errorf("x: %w", syscall.EINVAL): nbdproto.ErrInval,
+		syscall.ENOSPC: nbdproto.ErrNoSpc, syscall.EFBIG: nbdproto.ErrNoSpc, syscall.ENOMEM: nbdproto.ErrNoMem, syscall.EOVERFLOW: nbdproto.ErrOverflow,
+		syscall.ESHUTDOWN: nbdproto.ErrShutdown, syscall.EIO: nbdproto.ErrIO, errors.New("x"): nbdproto.ErrIO,
 	} {
 		if got := Errno(err); got != want {
 			t.Errorf("Errno(%v) = %d, want %d", err, got, want)
