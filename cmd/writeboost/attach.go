@@ -40,7 +40,7 @@ func (f *attachFlags) options() (attach.Options, error) {
 		}
 		// On the nbdfuse path, talk through "writeboost nbd-relay" so the
 		// device survives a restart of the server.
-		relay = []string{exe, "nbd-relay"}
+		relay = []string{exe, attach.RelayCommandName}
 	}
 	return attach.Options{
 		Socket: sock, Export: f.export, VolumeID: vol, StateDir: f.stateDir,
@@ -140,53 +140,4 @@ func newReattachCommand() *cobra.Command {
 	fl.IntVar(&f.connections, "connections", 0, "connections to offer (surplus ones are refused by the kernel)")
 	_ = cmd.MarkFlagRequired("socket")
 	return cmd
-}
-
-// newNBDRelayCommand is the relay nbdfuse runs in command mode (see
-// pkg/attach/relay.go): NBD on stdin/stdout, forwarded to the server's
-// socket, reconnecting when the server restarts. Hidden: only attach uses it.
-func newNBDRelayCommand() *cobra.Command {
-	var socket, export string
-	var deadConn time.Duration
-	cmd := &cobra.Command{
-		Use:    "nbd-relay --socket PATH",
-		Short:  "Relay NBD between stdin/stdout and a server, reconnecting across its restarts (used by attach)",
-		Hidden: true,
-		Args:   cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			return attach.ServeRelay(cmd.Context(), attach.RelayStdio(), socket, export, deadConn)
-		},
-	}
-	fl := cmd.Flags()
-	fl.StringVar(&socket, "socket", "", "NBD server's unix socket (required)")
-	fl.StringVar(&export, "export", "", "export name")
-	fl.DurationVar(&deadConn, "dead-conn-timeout", 2*time.Minute, "how long to keep redialling a vanished server before failing")
-	_ = cmd.MarkFlagRequired("socket")
-	return cmd
-}
-
-// attachForServe attaches the volume "serve --attach" is serving and returns
-// the device and a function that detaches it (called before the server
-// stops, so the kernel's last flush still reaches it).
-func attachForServe(cfg *serveConfig) (string, func() error, error) {
-	f := &attachFlags{socket: cfg.socket, export: cfg.exportName, stateDir: filepath.Join(cfg.dataDir, "attach"),
-		timeout: 30 * time.Second, deadConn: 2 * time.Minute}
-	o, err := f.options()
-	if err != nil {
-		return "", nil, err
-	}
-	if o.StateDir, err = filepath.Abs(o.StateDir); err != nil {
-		return "", nil, err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	a, err := attach.Attach(ctx, o)
-	if err != nil {
-		return "", nil, err
-	}
-	return a.Device, func() error {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		defer cancel()
-		return attach.Detach(ctx, o.StateDir, a.Device)
-	}, nil
 }

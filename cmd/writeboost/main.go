@@ -15,6 +15,8 @@ import (
 
 	"github.com/spf13/cobra"
 	"k8s.io/klog/v2"
+
+	"github.com/writeboost-csi/writeboost-csi/pkg/attach"
 )
 
 // version is set at build time: go build -ldflags "-X main.version=v1.2.3".
@@ -60,7 +62,7 @@ image files under ./writeboost-data/ and prints how to connect to it.`,
 		newAttachCommand(),
 		newDetachCommand(),
 		newReattachCommand(),
-		newNBDRelayCommand(),
+		attach.NewRelayCommand(),
 		newCSICommand(),
 	)
 	return root

@@ -104,26 +104,6 @@ func TestEnsureImageIsSparseAndKeepsExisting(t *testing.T) {
 	}
 }
 
-func TestLockFileExcludesSecondServer(t *testing.T) {
-	p := filepath.Join(t.TempDir(), "cache.img")
-	if err := os.WriteFile(p, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	l, err := lockFile(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := lockFile(p); err == nil || !strings.Contains(err.Error(), "in use") {
-		t.Fatalf("second lock: %v", err)
-	}
-	l.Close()
-	l2, err := lockFile(p)
-	if err != nil {
-		t.Fatalf("lock after release: %v", err)
-	}
-	l2.Close()
-}
-
 func TestDefaultBufferPathIsStablePerCache(t *testing.T) {
 	dir := t.TempDir()
 	a, err := defaultBufferPath(filepath.Join(dir, "cache.img"), dir)

@@ -18,6 +18,8 @@ import (
 	"github.com/writeboost-csi/writeboost-csi/pkg/blockdev"
 	"github.com/writeboost-csi/writeboost-csi/pkg/control"
 	"github.com/writeboost-csi/writeboost-csi/pkg/engine"
+	"github.com/writeboost-csi/writeboost-csi/pkg/hddsim"
+	"github.com/writeboost-csi/writeboost-csi/pkg/volume"
 )
 
 type serveConfig struct {
@@ -77,7 +79,7 @@ writes a clean checkpoint.`,
 	f.StringVar(&cfg.exportName, "export-name", "", "NBD export name")
 	f.BoolVar(&cfg.simulateHDD, "simulate-hdd", false, "put the simulated HDD model (seek, rotation, transfer; real sleeps) in front of the backing device, for demos and benchmarks")
 	f.BoolVar(&cfg.reformat, "reformat", false, "destroy whatever the cache holds (dirty data included) and format it afresh")
-	f.BoolVar(&cfg.direct, "direct", false, "open the cache device with O_DIRECT")
+	f.BoolVar(&cfg.direct, "direct", true, "open the cache and backing with O_DIRECT (where the filesystem allows it); --direct=false goes through the page cache")
 	f.BoolVar(&cfg.attach, "attach", false, "also attach the volume as a local block device, and detach it on exit")
 	cfg.tunables = addTunableFlags(f)
 	return cmd
@@ -151,68 +153,30 @@ func runServe(cmd *cobra.Command, cfg *serveConfig) error {
 			"already exists: its contents belong to the old backing image; restore that image, or pass --reformat "+
 			"to start afresh (dirty data in the cache is lost)", cfg.backing, cfg.cache)
 	}
-	lock, err := lockFile(cfg.cache)
-	if err != nil {
-		return err
+	vcfg := volume.Config{
+		ID: filepath.Base(cfg.cache), CachePath: cfg.cache, BackingPath: cfg.backing, IO: volume.DirectIO,
+		Format: true, Reformat: cfg.reformat, SegmentSize: int(cfg.segmentSize), RAMBuffers: cfg.ramBuffers,
+		BufferPath: cfg.bufferFile, Tunables: tun,
+		Socket: cfg.socket, ExportName: cfg.exportName, Control: cfg.control,
+		// Behind the simulated HDD a miss takes milliseconds: never run
+		// requests inline on the connection reader then.
+		NoInline: cfg.simulateHDD,
 	}
-	defer lock.Close()
-
-	devs, err := openDevices(cfg)
-	if err != nil {
-		return err
+	if !cfg.direct {
+		vcfg.IO = volume.BufferedIO
 	}
-	opts := engine.Options{
-		Cache:       devs.cache,
-		Backing:     devs.backing,
-		Format:      true,
-		Reformat:    cfg.reformat,
-		SegmentSize: int(cfg.segmentSize),
-		RAMBuffers:  cfg.ramBuffers,
-		BufferPath:  cfg.bufferFile,
-		Tunables:    tun,
-		Name:        filepath.Base(cfg.cache),
-	}
-	start := time.Now()
-	eng, err := engine.Open(opts)
-	if err != nil {
-		devs.close()
-		return openError(cfg, err)
-	}
-	st := eng.Status()
-	klog.InfoS("Cache open", "cache", cfg.cache, "backing", cfg.backing, "uuid", st.UUID,
-		"dirtyBlocks", st.NrDirtyCacheBlocks, "openSeconds", time.Since(start).Seconds())
-
-	// From here on, every exit path closes the engine: that is what writes
-	// the clean checkpoint.
-	closeEngine := func() error {
-		err := eng.Close()
-		if cerr := devs.close(); err == nil {
-			err = cerr
+	if cfg.simulateHDD {
+		// Real sleeps: what a user sees through NBD is an HDD's latency.
+		vcfg.WrapBacking = func(d blockdev.Device) blockdev.Device {
+			return hddsim.New(d, hddsim.DefaultModel(), hddsim.RealSleep)
 		}
-		if err == nil && cfg.bufferFile != "" {
-			// Everything the buffers held is on the cache device now.
-			_ = os.Remove(cfg.bufferFile)
-		}
-		return err
 	}
-
-	ctrl := control.NewServer(eng)
-	ctrlLn, err := control.Listen(cfg.control)
-	if err != nil {
-		closeEngine()
-		return err
-	}
-	go func() {
-		if err := ctrl.Serve(ctrlLn); err != nil {
-			klog.ErrorS(err, "Control socket failed", "socket", cfg.control)
+	if cfg.attach {
+		o, err := (&attachFlags{socket: cfg.socket, export: cfg.exportName, stateDir: defaultAttachStateDir}).options()
+		if err != nil {
+			return err
 		}
-	}()
-
-	nbdSrv, err := startNBD(cfg, eng)
-	if err != nil {
-		ctrl.Shutdown(context.Background())
-		closeEngine()
-		return err
+		vcfg.Attacher, vcfg.AttachOptions = volume.SystemAttacher{}, o
 	}
 
 	// Catch signals before announcing the URI: whoever reads the URI may
@@ -222,27 +186,27 @@ func runServe(cmd *cobra.Command, cfg *serveConfig) error {
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 	defer signal.Stop(sigs)
 
-	printUsage(cmd.OutOrStdout(), cfg, eng.Size(), st)
-
-	var detach func() error
-	if cfg.attach {
-		dev, d, err := attachVolume(cfg)
-		if err != nil {
-			klog.ErrorS(err, "Attach failed; shutting down")
-			nbdSrv.shutdown(context.Background())
-			ctrl.Shutdown(context.Background())
-			closeEngine()
-			return fmt.Errorf("attach: %w", err)
+	startCtx, cancelStart := context.WithTimeout(context.Background(), 2*time.Minute)
+	vol, err := volume.Start(startCtx, vcfg)
+	cancelStart()
+	if err != nil {
+		if errors.Is(err, volume.ErrInUse) {
+			return err
 		}
-		detach = d
-		fmt.Fprintf(cmd.OutOrStdout(), "\nAttached as %s (detached again when serve exits).\n", dev)
+		return openError(cfg, err)
+	}
+	eng := vol.Engine()
+	st := eng.Status()
+	printUsage(cmd.OutOrStdout(), cfg, eng.Size(), st)
+	if a, ok := vol.Attachment(); ok {
+		fmt.Fprintf(cmd.OutOrStdout(), "\nAttached as %s (detached again when serve exits).\n", a.Device)
 	}
 
 	var serveErr error
 	select {
 	case sig := <-sigs:
 		klog.InfoS("Shutting down: finishing requests in flight, flushing, writing a clean checkpoint (signal again to abort)", "signal", sig.String())
-	case serveErr = <-nbdSrv.done:
+	case serveErr = <-vol.Done():
 		klog.ErrorS(serveErr, "NBD server stopped")
 	}
 	first := time.Now()
@@ -262,22 +226,13 @@ func runServe(cmd *cobra.Command, cfg *serveConfig) error {
 		}
 	}()
 
-	var errs []error
-	if detach != nil {
-		if err := detach(); err != nil {
-			errs = append(errs, fmt.Errorf("detach: %w", err))
-		}
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	if err := nbdSrv.shutdown(ctx); err != nil {
-		errs = append(errs, fmt.Errorf("stop NBD server: %w", err))
-	}
-	if err := ctrl.Shutdown(ctx); err != nil {
-		errs = append(errs, fmt.Errorf("stop control socket: %w", err))
-	}
-	if err := closeEngine(); err != nil {
-		errs = append(errs, fmt.Errorf("close cache: %w", err))
+	// Detach first (the kernel's last flush still reaches the server),
+	// then stop serving, close the engine (clean checkpoint) and unlock.
+	var errs []error
+	if err := vol.Stop(ctx); err != nil {
+		errs = append(errs, err)
 	} else {
 		klog.InfoS("Cache closed cleanly", "cache", cfg.cache)
 	}
@@ -335,5 +290,3 @@ Stop with Ctrl-C (or SIGTERM): requests finish, the cache flushes and closes cle
 		fmt.Fprintln(w, "Warning: RAM buffers on the heap (--buffer-file=\"\"): a killed server loses writes acknowledged since the last flush.")
 	}
 }
-
-var _ = blockdev.SectorSize

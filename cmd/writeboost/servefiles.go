@@ -124,21 +124,3 @@ func defaultBufferPath(cachePath, dataDir string) (string, error) {
 	}
 	return filepath.Join(dataDir, name), nil
 }
-
-// lockFile takes an exclusive lock on path for the life of the process,
-// so two servers never run one cache (they would both replay and append
-// to the same log). The lock dies with the process, even on SIGKILL.
-func lockFile(path string) (*os.File, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("lock %s: %w", path, err)
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		f.Close()
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			return nil, fmt.Errorf("%s is in use by another writeboost process", path)
-		}
-		return nil, fmt.Errorf("lock %s: %w", path, err)
-	}
-	return f, nil
-}

@@ -51,7 +51,7 @@ var systems = []System{
 	{ID: "e", Name: "nbdkit cache filter", About: "nbdkit `--filter=cache cache=writeback` over the `nbd` plugin connected to a simulated HDD like (c)", start: startNbdkitCache},
 	{ID: "f", Name: "nbdkit file", About: "nbdkit's file plugin on an image on the local disk: the raw cache device", start: startNbdkitFile},
 	{ID: "g", Name: "go-nbd v0.3.2, RAM", About: "go-nbd v0.3.2's (serial) server over its RAM backend", start: startGoNBD},
-	{ID: "h", Name: "writeboost, page cache", About: "(d) with the cache image in the page cache (`serve` without `--direct`, its default)", start: startWriteboost(false), control: "h/control.sock"},
+	{ID: "h", Name: "writeboost, page cache", About: "(d) with the cache image in the page cache (`serve --direct=false`)", start: startWriteboost(false), control: "h/control.sock"},
 }
 
 // waitSocket waits until something accepts connections on sock.
@@ -217,11 +217,10 @@ func startNbdkitCache(ctx context.Context, env *benchEnv, dir string) (string, f
 func startWriteboost(direct bool) func(ctx context.Context, env *benchEnv, dir string) (string, func(), error) {
 	return func(ctx context.Context, env *benchEnv, dir string) (string, func(), error) {
 		name := "d"
-		var extra []string
-		if direct {
-			extra = append(extra, "--direct")
-		} else {
-			name = "h"
+		extra := []string{"--direct"}
+		if !direct {
+			// serve opens both devices with O_DIRECT by default now.
+			name, extra = "h", []string{"--direct=false"}
 		}
 		return runWriteboost(ctx, env, filepath.Join(dir, name), extra)
 	}

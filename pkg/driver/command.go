@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	"k8s.io/klog/v2"
 
 	"github.com/writeboost-csi/writeboost-csi/pkg/attach"
 	"github.com/writeboost-csi/writeboost-csi/pkg/params"
@@ -38,7 +37,7 @@ Minimal local run:
 			if err != nil {
 				return err
 			}
-			cfg.RelayCommand = []string{exe, "csi", "nbd-relay"}
+			cfg.RelayCommand = []string{exe, "csi", attach.RelayCommandName}
 			if !cmd.Flags().Changed("max-volumes") {
 				cfg.MaxVolumes = 0 // the config file's maxVolumes, else 64
 			}
@@ -62,7 +61,7 @@ Minimal local run:
 	f.StringVar(&cfg.MetricsAddress, "metrics-address", "", "Prometheus /metrics listen address; empty = off")
 	f.StringVar(&cfg.HealthAddress, "health-address", "", "HTTP /healthz listen address; empty = off")
 	f.IntVar(&cfg.MaxVolumes, "max-volumes", 64, "volumes this node accepts (overrides the config file's maxVolumes)")
-	cmd.AddCommand(newPrestopCommand(), newRelayCommand(), newParamsCommand())
+	cmd.AddCommand(newPrestopCommand(), attach.NewRelayCommand(), newParamsCommand())
 	return cmd
 }
 
@@ -84,33 +83,6 @@ func newPrestopCommand() *cobra.Command {
 	cmd.Flags().DurationVar(&timeout, "timeout", 2*time.Minute, "give up after this long")
 	return cmd
 }
-
-// newRelayCommand runs attach.ServeRelay on stdin/stdout for nbdfuse on the
-// fallback attach path, so a mounted filesystem survives a plugin restart.
-func newRelayCommand() *cobra.Command {
-	var socket, export string
-	var deadConn time.Duration
-	cmd := &cobra.Command{
-		Use:    "nbd-relay",
-		Short:  "NBD relay between nbdfuse (stdin/stdout) and a volume's socket",
-		Hidden: true,
-		Args:   cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			// Logs must not go to stdout: that is the NBD stream.
-			klog.LogToStderr(true)
-			return attach.ServeRelay(context.Background(), stdio{}, socket, export, deadConn)
-		},
-	}
-	cmd.Flags().StringVar(&socket, "socket", "", "the volume's NBD socket")
-	cmd.Flags().StringVar(&export, "export", "", "export name")
-	cmd.Flags().DurationVar(&deadConn, "dead-conn-timeout", 2*time.Minute, "how long to wait for the server to come back")
-	return cmd
-}
-
-type stdio struct{}
-
-func (stdio) Read(p []byte) (int, error)  { return os.Stdin.Read(p) }
-func (stdio) Write(p []byte) (int, error) { return os.Stdout.Write(p) }
 
 func newParamsCommand() *cobra.Command {
 	return &cobra.Command{

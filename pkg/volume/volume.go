@@ -1,8 +1,11 @@
-// Package volume runs the data path of staged writeboost volumes on a node:
-// for each one, the cache engine over its backing and cache devices, an NBD
-// server on a private unix socket, the attachment that turns it into a
-// block device, and a control socket (status, set, flush, drain) for
-// operators and the preStop hook.
+// Package volume runs cached volumes: Volume (runtime.go) owns one volume's
+// life, for both `writeboost serve` and the CSI plugin: open or format the
+// cache (one device open policy, IOMode), lock it, recover, serve it over
+// NBD, a control socket, attach it as a block device, and stop. Manager
+// runs the staged volumes of a CSI node, one Volume each: the cache engine
+// over its backing and cache devices, an NBD server on a private unix
+// socket, the attachment that turns it into a block device, and a control
+// socket (status, set, flush, drain) for operators and the preStop hook.
 //
 // Files in the run directory (tmpfs /run on the host: they outlive the
 // plugin's process and pod, not a reboot):
@@ -26,15 +29,12 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
-	"time"
 
 	"k8s.io/klog/v2"
 
 	"github.com/writeboost-csi/writeboost-csi/pkg/attach"
-	"github.com/writeboost-csi/writeboost-csi/pkg/blockdev"
 	"github.com/writeboost-csi/writeboost-csi/pkg/control"
 	"github.com/writeboost-csi/writeboost-csi/pkg/engine"
-	"github.com/writeboost-csi/writeboost-csi/pkg/nbd"
 )
 
 // Spec says what to run for a volume.
@@ -45,7 +45,7 @@ type Spec struct {
 	Tunables    engine.Tunables
 }
 
-// Manager runs the staged volumes of this node.
+// Manager runs the staged volumes of this node, one Volume each.
 type Manager struct {
 	RunDir string
 	// AttachStateDir keeps the attachment records (must survive restarts
@@ -55,27 +55,12 @@ type Manager struct {
 	RelayCommand []string
 	// PreferMethod forces an attach method ("" = best available).
 	PreferMethod string
+	// Attacher attaches volumes; nil is SystemAttacher.
+	Attacher Attacher
 
 	mu   sync.Mutex
-	vols map[string]*running
+	vols map[string]*Volume
 }
-
-type running struct {
-	spec    Spec
-	devs    []*blockdev.File // closed after the engine
-	eng     *engine.Engine
-	srv     *nbd.Server
-	ctl     *control.Server
-	device  string
-	method  string
-	serveWG sync.WaitGroup
-}
-
-// multiConn marks the engine safe for several connections: its Flush is
-// global, covering writes replied on every connection.
-type multiConn struct{ *engine.Engine }
-
-func (multiConn) MultiConnSafe() bool { return true }
 
 // SocketPath is the NBD socket of id.
 func (m *Manager) SocketPath(id string) string { return filepath.Join(m.RunDir, id+".sock") }
@@ -85,46 +70,13 @@ func (m *Manager) ControlPath(id string) string { return filepath.Join(m.RunDir,
 
 func (m *Manager) bufferPath(id string) string { return filepath.Join(m.RunDir, id+".buf") }
 
-// Stage starts (or re-adopts after a restart) the volume and returns its
-// block device. Calling it for a running volume returns its device.
-func (m *Manager) Stage(ctx context.Context, s Spec) (string, error) {
-	m.mu.Lock()
-	if m.vols == nil {
-		m.vols = map[string]*running{}
+func (m *Manager) config(s Spec) Config {
+	att := m.Attacher
+	if att == nil {
+		att = SystemAttacher{}
 	}
-	if r, ok := m.vols[s.ID]; ok {
-		m.mu.Unlock()
-		return r.device, nil
-	}
-	m.mu.Unlock()
-	if err := os.MkdirAll(m.RunDir, 0o700); err != nil {
-		return "", fmt.Errorf("run dir: %w", err)
-	}
-	r, err := m.start(ctx, s)
-	if err != nil {
-		return "", err
-	}
-	m.mu.Lock()
-	m.vols[s.ID] = r
-	m.mu.Unlock()
-	return r.device, nil
-}
-
-func (m *Manager) start(ctx context.Context, s Spec) (_ *running, err error) {
-	r := &running{spec: s}
-	backing, err := blockdev.OpenFile(s.BackingPath, blockdev.FileOptions{Direct: true})
-	if err != nil {
-		return nil, fmt.Errorf("open backing %s: %w", s.BackingPath, err)
-	}
-	cache, err := blockdev.OpenFile(s.CachePath, blockdev.FileOptions{Direct: true})
-	if err != nil {
-		backing.Close()
-		return nil, fmt.Errorf("open cache %s: %w", s.CachePath, err)
-	}
-	r.devs = []*blockdev.File{cache, backing}
-	closeDevs := func() { cache.Close(); backing.Close() }
-	r.eng, err = engine.Open(engine.Options{
-		Cache: cache, Backing: backing,
+	return Config{
+		ID: s.ID, CachePath: s.CachePath, BackingPath: s.BackingPath, IO: DirectIO,
 		// The pool creates the cache slice zeroed for this volume: a blank
 		// cache is ours to format; anything else is recovered or refused.
 		Format: true,
@@ -132,135 +84,95 @@ func (m *Manager) start(ctx context.Context, s Spec) (_ *running, err error) {
 		AllowBackingGrowth: true,
 		BufferPath:         m.bufferPath(s.ID),
 		Tunables:           s.Tunables,
-		Name:               s.ID,
-	})
-	if err != nil {
-		closeDevs()
-		return nil, fmt.Errorf("open cache engine: %w", err)
+		Socket:             m.SocketPath(s.ID),
+		Control:            m.ControlPath(s.ID),
+		Attacher:           att,
+		AttachOptions: attach.Options{VolumeID: s.ID, StateDir: m.AttachStateDir,
+			RelayCommand: m.RelayCommand, PreferMethod: m.PreferMethod},
 	}
-	defer func() {
-		if err != nil {
-			m.stop(r, true)
-		}
-	}()
-	r.srv = nbd.NewServer(nbd.Config{})
-	if err := r.srv.AddExport(nbd.Export{Name: "", Description: s.ID, Backend: multiConn{r.eng},
-		MinBlockSize: 512, PreferredBlockSize: 4096}); err != nil {
-		return nil, err
-	}
-	l, err := nbd.ListenUnix(m.SocketPath(s.ID), 0o600)
-	if err != nil {
-		return nil, err
-	}
-	r.serveWG.Add(1)
-	go func() {
-		defer r.serveWG.Done()
-		if err := r.srv.Serve(l); err != nil && !errors.Is(err, nbd.ErrServerClosed) {
-			klog.ErrorS(err, "NBD server stopped", "volume", s.ID)
-		}
-	}()
-	r.ctl = control.NewServer(r.eng)
-	cl, err := control.Listen(m.ControlPath(s.ID))
-	if err != nil {
-		return nil, err
-	}
-	r.serveWG.Add(1)
-	go func() {
-		defer r.serveWG.Done()
-		_ = r.ctl.Serve(cl)
-	}()
-
-	o := attach.Options{Socket: m.SocketPath(s.ID), VolumeID: s.ID, StateDir: m.AttachStateDir,
-		RelayCommand: m.RelayCommand, PreferMethod: m.PreferMethod}
-	a, err := attach.Attach(ctx, o)
-	if errors.Is(err, attach.ErrAlreadyAttached) && a != nil {
-		// A restart: the device survived us. The kernel device needs fresh
-		// sockets; the fallback's relay reconnects by itself.
-		if a.Method == attach.MethodNetlink {
-			dial := attach.UnixDialer(o.Socket, o.Export, 30*time.Second)
-			if _, rerr := attach.Reattach(ctx, m.AttachStateDir, s.ID, dial, o); rerr != nil {
-				return nil, fmt.Errorf("reattach %s: %w", a.Device, rerr)
-			}
-		}
-		klog.InfoS("Re-adopted attached device", "volume", s.ID, "device", a.Device, "method", a.Method)
-		err = nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("attach: %w", err)
-	}
-	r.device, r.method = a.Device, a.Method
-	klog.InfoS("Volume running", "volume", s.ID, "device", r.device, "method", r.method,
-		"size", r.eng.Size(), "backing", s.BackingPath, "cache", s.CachePath)
-	return r, nil
 }
 
-// stop shuts the server and control socket and closes the engine (flush,
-// clean checkpoint). With keepBuffer false the RAM buffer file is removed
-// after a clean close.
-func (m *Manager) stop(r *running, keepBuffer bool) error {
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	var errs []error
-	if r.srv != nil {
-		if err := r.srv.Shutdown(ctx); err != nil {
-			errs = append(errs, fmt.Errorf("nbd shutdown: %w", err))
+func (m *Manager) get(id string) *Volume {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.vols[id]
+}
+
+// Stage starts (or re-adopts after a restart) the volume and returns its
+// block device. Calling it for a running volume returns its device.
+func (m *Manager) Stage(ctx context.Context, s Spec) (string, error) {
+	if v := m.get(s.ID); v != nil {
+		if a, ok := v.Attachment(); ok && v.Engine() != nil {
+			return a.Device, nil
 		}
-	}
-	if r.ctl != nil {
-		_ = r.ctl.Shutdown(ctx)
-	}
-	r.serveWG.Wait()
-	if r.eng != nil {
-		if err := r.eng.Close(); err != nil {
-			errs = append(errs, fmt.Errorf("close engine: %w", err))
-		} else if !keepBuffer {
-			os.Remove(m.bufferPath(r.spec.ID))
+		// A volume whose last stop failed half-way: finish it, then start.
+		if err := v.Stop(ctx); err != nil {
+			return "", fmt.Errorf("finish stopping: %w", err)
 		}
-		for _, d := range r.devs {
-			if err := d.Close(); err != nil {
-				errs = append(errs, err)
-			}
-		}
+		m.forget(s.ID, v)
 	}
-	return errors.Join(errs...)
+	if err := os.MkdirAll(m.RunDir, 0o700); err != nil {
+		return "", fmt.Errorf("run dir: %w", err)
+	}
+	v, err := Start(ctx, m.config(s))
+	if err != nil {
+		return "", err
+	}
+	m.mu.Lock()
+	if m.vols == nil {
+		m.vols = map[string]*Volume{}
+	}
+	m.vols[s.ID] = v
+	m.mu.Unlock()
+	a, _ := v.Attachment()
+	klog.InfoS("Volume running", "volume", s.ID, "device", a.Device, "method", a.Method,
+		"size", v.Engine().Size(), "backing", s.BackingPath, "cache", s.CachePath)
+	return a.Device, nil
+}
+
+func (m *Manager) forget(id string, v *Volume) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.vols[id] == v {
+		delete(m.vols, id)
+	}
 }
 
 // Unstage detaches the device (the filesystem must be unmounted), stops
-// serving and closes the engine cleanly. Unknown volumes are not an error.
+// serving and closes the engine cleanly. Unknown volumes are not an error;
+// a device recorded for a volume that is not running (it did not come back
+// after a restart) is detached. After a failure, calling it again resumes
+// where it stopped.
 func (m *Manager) Unstage(ctx context.Context, id string, device string) error {
-	m.mu.Lock()
-	r := m.vols[id]
-	m.mu.Unlock()
-	if device == "" && r != nil {
-		device = r.device
-	}
-	if device != "" {
-		if err := attach.Detach(ctx, m.AttachStateDir, device); err != nil {
+	v := m.get(id)
+	if v == nil {
+		if device == "" {
+			return nil
+		}
+		att := m.Attacher
+		if att == nil {
+			att = SystemAttacher{}
+		}
+		if err := att.Detach(ctx, m.AttachStateDir, device); err != nil {
 			return fmt.Errorf("detach %s: %w", device, err)
 		}
-	}
-	if r == nil {
 		return nil
 	}
-	if err := m.stop(r, false); err != nil {
+	if err := v.Stop(ctx); err != nil {
 		return err
 	}
-	m.mu.Lock()
-	delete(m.vols, id)
-	m.mu.Unlock()
+	m.forget(id, v)
 	return nil
 }
 
 // Drain writes back every dirty block of a running volume to its backing
 // device, so the backing holds all the data on its own.
 func (m *Manager) Drain(ctx context.Context, id string) error {
-	m.mu.Lock()
-	r := m.vols[id]
-	m.mu.Unlock()
-	if r == nil {
+	v := m.get(id)
+	if v == nil || v.Engine() == nil {
 		return fmt.Errorf("volume %s is not running", id)
 	}
-	return r.eng.Drain(ctx, nil)
+	return v.Engine().Drain(ctx, nil)
 }
 
 // Info reports a running volume.
@@ -274,13 +186,16 @@ type Info struct {
 
 // Get returns the state of a running volume.
 func (m *Manager) Get(id string) (Info, bool) {
-	m.mu.Lock()
-	r := m.vols[id]
-	m.mu.Unlock()
-	if r == nil {
+	v := m.get(id)
+	if v == nil {
 		return Info{}, false
 	}
-	return Info{Device: r.device, Method: r.method, Size: r.eng.Size(), Status: r.eng.Status(), Err: r.eng.Err()}, true
+	eng := v.Engine()
+	if eng == nil {
+		return Info{}, false
+	}
+	a, _ := v.Attachment()
+	return Info{Device: a.Device, Method: a.Method, Size: eng.Size(), Status: eng.Status(), Err: eng.Err()}, true
 }
 
 // IDs lists the running volumes.
@@ -294,19 +209,25 @@ func (m *Manager) IDs() []string {
 	return ids
 }
 
+func (m *Manager) all() map[string]*Volume {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make(map[string]*Volume, len(m.vols))
+	for id, v := range m.vols {
+		out[id] = v
+	}
+	return out
+}
+
 // FlushAll makes every acknowledged write of every running volume durable
 // on its cache device.
 func (m *Manager) FlushAll() error {
-	m.mu.Lock()
-	rs := make([]*running, 0, len(m.vols))
-	for _, r := range m.vols {
-		rs = append(rs, r)
-	}
-	m.mu.Unlock()
 	var errs []error
-	for _, r := range rs {
-		if err := r.eng.Flush(); err != nil {
-			errs = append(errs, fmt.Errorf("flush %s: %w", r.spec.ID, err))
+	for id, v := range m.all() {
+		if eng := v.Engine(); eng != nil {
+			if err := eng.Flush(); err != nil {
+				errs = append(errs, fmt.Errorf("flush %s: %w", id, err))
+			}
 		}
 	}
 	return errors.Join(errs...)
@@ -317,15 +238,12 @@ func (m *Manager) FlushAll() error {
 // next plugin process re-adopts them) and the buffers stay in place.
 func (m *Manager) Shutdown() error {
 	m.mu.Lock()
-	rs := m.vols
-	m.vols = map[string]*running{}
+	vs := m.vols
+	m.vols = map[string]*Volume{}
 	m.mu.Unlock()
 	var errs []error
-	for id, r := range rs {
-		if err := r.eng.Flush(); err != nil {
-			errs = append(errs, fmt.Errorf("flush %s: %w", id, err))
-		}
-		if err := m.stop(r, true); err != nil {
+	for id, v := range vs {
+		if err := v.Release(context.Background()); err != nil {
 			errs = append(errs, fmt.Errorf("stop %s: %w", id, err))
 		}
 	}
