@@ -156,7 +156,10 @@ func (s ControllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolum
 		return nil, status.Errorf(codes.ResourceExhausted, "volume %s cannot be placed: topology requirement excludes node %s", name, d.opts.NodeID)
 	}
 	id := volumeID(name)
-	unlock := d.locks.lock(id)
+	unlock, err := d.lockVolume(id)
+	if err != nil {
+		return nil, err
+	}
 	defer unlock()
 
 	if v, ok := d.opts.State.Get(id); ok {
@@ -252,7 +255,10 @@ func (s ControllerServer) DeleteVolume(ctx context.Context, req *csi.DeleteVolum
 	if id == "" {
 		return nil, status.Error(codes.InvalidArgument, "volume id is missing")
 	}
-	unlock := d.locks.lock(id)
+	unlock, err := d.lockVolume(id)
+	if err != nil {
+		return nil, err
+	}
 	defer unlock()
 	v, ok := d.opts.State.Get(id)
 	if ok && v.Staged != nil {
@@ -261,14 +267,19 @@ func (s ControllerServer) DeleteVolume(ctx context.Context, req *csi.DeleteVolum
 	if ok && v.BackingDevice != "" {
 		return nil, status.Errorf(codes.InvalidArgument, "volume %s is a static volume on %s; it is not deleted by the driver", id, v.BackingDevice)
 	}
+	if _, running := d.opts.Runtime.Get(id); running {
+		// Not recorded as staged but still served (a NodeStageVolume that
+		// failed and could not be undone): its files must not go.
+		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is still served on this node; unstage it first", id)
+	}
 	if !strings.HasPrefix(id, "wb-") {
 		return &csi.DeleteVolumeResponse{}, nil // never ours: nothing to delete
 	}
 	if err := d.opts.NVMe.Delete(cacheName(id)); err != nil {
-		return nil, status.Errorf(codes.Internal, "volume %s: cache slice: %v", id, err)
+		return nil, grpcError(codes.Internal, err, "volume %s: cache slice", id)
 	}
 	if err := d.opts.HDD.Delete(id); err != nil {
-		return nil, status.Errorf(codes.Internal, "volume %s: backing: %v", id, err)
+		return nil, grpcError(codes.Internal, err, "volume %s: backing", id)
 	}
 	if err := d.opts.State.Delete(id); err != nil {
 		return nil, status.Errorf(codes.Internal, "volume %s: record: %v", id, err)
@@ -376,7 +387,10 @@ func (s ControllerServer) ControllerExpandVolume(ctx context.Context, req *csi.C
 			return nil, status.Error(codes.InvalidArgument, why)
 		}
 	}
-	unlock := d.locks.lock(id)
+	unlock, err := d.lockVolume(id)
+	if err != nil {
+		return nil, err
+	}
 	defer unlock()
 	v, ok := d.opts.State.Get(id)
 	if !ok {

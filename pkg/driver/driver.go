@@ -10,9 +10,13 @@
 // block device.
 //
 // Conventions, after TopoLVM's driver: each call validates its request
-// first, takes the volume's lock, checks the current state so that a
+// first, takes the volume's lock (a call on a busy volume gets Aborted at
+// once, as in csi-driver-host-path), checks the current state so that a
 // repeated call is harmless, and turns errors into gRPC codes only here at
-// the edge. The node's record of volumes (package nodestate) is written
+// the edge (the end of the call's context keeps its code). A retry after
+// any single failure converges, and a NodeStageVolume that fails on a
+// volume not staged before undoes itself, since kubelet may never unstage
+// it (sweep_test.go fails every step of a volume's life in turn). The node's record of volumes (package nodestate) is written
 // atomically before a call reports success, and a restarted plugin
 // re-adopts every staged volume (Readopt).
 //
@@ -32,6 +36,8 @@ import (
 	"os"
 	"sync"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
 	"github.com/writeboost-csi/writeboost-csi/pkg/nodestate"
@@ -66,12 +72,21 @@ type Runtime interface {
 	Shutdown() error
 }
 
+// State is the node's record of volumes (*nodestate.Store; tests wrap it
+// to inject failures).
+type State interface {
+	Get(id string) (nodestate.Volume, bool)
+	List() []nodestate.Volume
+	Put(v nodestate.Volume) error
+	Delete(id string) error
+}
+
 // Options configure a Driver.
 type Options struct {
 	NodeID               string
 	Version              string
 	HDD, NVMe            pool.Pool
-	State                *nodestate.Store
+	State                State
 	Runtime              Runtime
 	MaxVolumes           int
 	DefaultCacheFraction float64
@@ -114,39 +129,58 @@ func New(o Options) (*Driver, error) {
 	return &Driver{opts: o, mnt: m}, nil
 }
 
-// keyLocks serialises calls per volume (TopoLVM's lock.go).
+// keyLocks serialises calls per volume (TopoLVM's lock.go). A call that
+// finds its volume busy is refused with Aborted at once rather than queued
+// (csi-driver-host-path does the same): the caller retries with backoff,
+// and a waiting call would hold its deadline hostage to another's.
 type keyLocks struct {
 	mu    sync.Mutex
-	locks map[string]*keyLock
+	locks map[string]bool
 }
 
-type keyLock struct {
-	sync.Mutex
-	refs int
-}
-
-func (k *keyLocks) lock(key string) func() {
+// tryLock takes key's lock, or reports false when it is held.
+func (k *keyLocks) tryLock(key string) (unlock func(), ok bool) {
 	k.mu.Lock()
+	defer k.mu.Unlock()
 	if k.locks == nil {
-		k.locks = map[string]*keyLock{}
+		k.locks = map[string]bool{}
 	}
-	l := k.locks[key]
-	if l == nil {
-		l = &keyLock{}
-		k.locks[key] = l
+	if k.locks[key] {
+		return nil, false
 	}
-	l.refs++
-	k.mu.Unlock()
-	l.Lock()
+	k.locks[key] = true
 	return func() {
-		l.Unlock()
 		k.mu.Lock()
-		l.refs--
-		if l.refs == 0 {
-			delete(k.locks, key)
-		}
+		delete(k.locks, key)
 		k.mu.Unlock()
+	}, true
+}
+
+// lockVolume takes the volume's lock or returns the Aborted error.
+func (d *Driver) lockVolume(id string) (func(), error) {
+	unlock, ok := d.locks.tryLock(id)
+	if !ok {
+		return nil, status.Errorf(codes.Aborted, "an operation on volume %s is already in progress", id)
 	}
+	return unlock, nil
+}
+
+// grpcError turns an error of the layers below into a gRPC status, here
+// at the edge and nowhere else: the context's end keeps its own code, so
+// the caller knows that the call may still be in progress and retries.
+func grpcError(code codes.Code, err error, format string, args ...any) error {
+	if _, ok := status.FromError(err); ok {
+		return err // already a status (from a helper at this edge)
+	}
+	switch {
+	case errors.Is(err, context.DeadlineExceeded):
+		code = codes.DeadlineExceeded
+	case errors.Is(err, context.Canceled):
+		code = codes.Canceled
+	case errors.Is(err, pool.ErrNoSpace):
+		code = codes.ResourceExhausted
+	}
+	return status.Errorf(code, "%s: %v", fmt.Sprintf(format, args...), err)
 }
 
 // Readopt restarts the data path of every volume recorded as staged, after
@@ -158,7 +192,10 @@ func (d *Driver) Readopt(ctx context.Context) error {
 		if v.Staged == nil {
 			continue
 		}
-		unlock := d.locks.lock(v.ID)
+		unlock, ok := d.locks.tryLock(v.ID)
+		if !ok {
+			continue // a call got there first: it brings the volume up itself
+		}
 		err := d.readoptOne(ctx, v)
 		unlock()
 		if err != nil {

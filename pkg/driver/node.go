@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
@@ -82,7 +83,10 @@ func (s NodeServer) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolum
 	if err != nil {
 		return nil, paramError(err)
 	}
-	unlock := d.locks.lock(id)
+	unlock, err := d.lockVolume(id)
+	if err != nil {
+		return nil, err
+	}
 	defer unlock()
 	v, err := d.lookupForStage(id, vctx)
 	if err != nil {
@@ -102,52 +106,92 @@ func (s NodeServer) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolum
 	if fsType == "" {
 		fsType = params.DefaultFSType
 	}
-	spec, err := d.specFor(&v, p)
-	if err != nil {
+	wasStaged := v.Staged != nil
+	_, hadRecord := d.opts.State.Get(id)
+	if err := d.stage(ctx, &v, p, target, block, fsType, c.GetMount().GetMountFlags()); err != nil {
+		if !wasStaged {
+			// Leave nothing behind: kubelet takes a final error to mean
+			// "not staged" and may never call NodeUnstageVolume.
+			d.rollbackStage(ctx, id, target, hadRecord)
+		}
 		return nil, err
+	}
+	return &csi.NodeStageVolumeResponse{}, nil
+}
+
+// stage brings the data path up and mounts it; every step checks the
+// current state, so a repeated call is harmless.
+func (d *Driver) stage(ctx context.Context, v *nodestate.Volume, p *params.Volume, target string, block bool, fsType string, flags []string) error {
+	id := v.ID
+	spec, err := d.specFor(v, p)
+	if err != nil {
+		return err
 	}
 	dev, err := d.opts.Runtime.Stage(ctx, spec)
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "volume %s: start: %v", id, err)
+		return grpcError(codes.Internal, err, "volume %s: start", id)
 	}
 	stage := &nodestate.Stage{StagingPath: target, Block: block, Device: dev, BackingPath: spec.BackingPath, CachePath: spec.CachePath}
 	if !block {
 		stage.FSType = fsType
-		stage.MountFlags = c.GetMount().GetMountFlags()
+		stage.MountFlags = flags
 	}
 	// Recorded before mounting: a restart in between re-adopts the engine,
 	// and kubelet's retry mounts.
 	v.Staged = stage
-	if err := d.opts.State.Put(v); err != nil {
-		return nil, status.Errorf(codes.Internal, "volume %s: record: %v", id, err)
+	if err := d.opts.State.Put(*v); err != nil {
+		return grpcError(codes.Internal, err, "volume %s: record", id)
 	}
 	if block {
 		klog.InfoS("Volume staged", "volume", id, "device", dev, "block", true)
-		return &csi.NodeStageVolumeResponse{}, nil
+		return nil
+	}
+	if err := ctx.Err(); err != nil {
+		return grpcError(codes.Internal, err, "volume %s", id)
 	}
 	if err := os.MkdirAll(target, 0o750); err != nil {
-		return nil, status.Errorf(codes.Internal, "volume %s: staging dir: %v", id, err)
+		return status.Errorf(codes.Internal, "volume %s: staging dir: %v", id, err)
 	}
 	mounted, err := d.mnt.IsMountPoint(target)
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "volume %s: check %s: %v", id, target, err)
+		return status.Errorf(codes.Internal, "volume %s: check %s: %v", id, target, err)
 	}
 	if !mounted && v.GrowFS {
 		if err := d.mnt.ResizeUnmounted(dev); err != nil {
-			return nil, status.Errorf(codes.Internal, "volume %s: grow filesystem: %v", id, err)
+			return status.Errorf(codes.Internal, "volume %s: grow filesystem: %v", id, err)
 		}
 		v.GrowFS = false
-		if err := d.opts.State.Put(v); err != nil {
-			return nil, status.Errorf(codes.Internal, "volume %s: record: %v", id, err)
+		if err := d.opts.State.Put(*v); err != nil {
+			return grpcError(codes.Internal, err, "volume %s: record", id)
 		}
 	}
 	if !mounted {
 		if err := d.mnt.FormatAndMount(dev, target, fsType, stage.MountFlags); err != nil {
-			return nil, status.Errorf(codes.Internal, "volume %s: format and mount %s on %s: %v", id, dev, target, err)
+			return status.Errorf(codes.Internal, "volume %s: format and mount %s on %s: %v", id, dev, target, err)
 		}
 	}
 	klog.InfoS("Volume staged", "volume", id, "device", dev, "path", target, "fsType", fsType)
-	return &csi.NodeStageVolumeResponse{}, nil
+	return nil
+}
+
+// rollbackStage undoes a NodeStageVolume that failed part-way on a volume
+// that was not staged before, with a context of its own: the call's may
+// be what ended.
+func (d *Driver) rollbackStage(ctx context.Context, id, target string, hadRecord bool) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
+	defer cancel()
+	v, ok := d.opts.State.Get(id)
+	err := d.unstage(ctx, id, target)
+	if err == nil && !hadRecord && !ok {
+		// A static volume whose record was never written: its cache
+		// slice holds nothing yet (nothing was mounted).
+		err = d.opts.NVMe.Delete(cacheName(id))
+	}
+	if err != nil {
+		klog.ErrorS(err, "Undoing a failed NodeStageVolume", "volume", id, "recorded", ok && v.Staged != nil)
+		return
+	}
+	klog.InfoS("Undid a failed NodeStageVolume", "volume", id)
 }
 
 // specFor finds (or for static PVs creates) the devices of v.
@@ -208,10 +252,22 @@ func (s NodeServer) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageV
 	if target == "" {
 		return nil, status.Error(codes.InvalidArgument, "staging target path is missing")
 	}
-	unlock := d.locks.lock(id)
+	unlock, err := d.lockVolume(id)
+	if err != nil {
+		return nil, err
+	}
 	defer unlock()
+	if err := d.unstage(ctx, id, target); err != nil {
+		return nil, err
+	}
+	return &csi.NodeUnstageVolumeResponse{}, nil
+}
+
+// unstage unmounts the staging path, stops the data path and clears the
+// record; after a failure at any step, calling it again finishes the job.
+func (d *Driver) unstage(ctx context.Context, id, target string) error {
 	if err := d.unmount(target); err != nil {
-		return nil, status.Errorf(codes.Internal, "volume %s: %v", id, err)
+		return status.Errorf(codes.Internal, "volume %s: %v", id, err)
 	}
 	v, ok := d.opts.State.Get(id)
 	device := ""
@@ -224,12 +280,12 @@ func (s NodeServer) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageV
 		// write everything back before letting go of it.
 		if _, running := d.opts.Runtime.Get(id); running {
 			if err := d.opts.Runtime.Drain(ctx, id); err != nil {
-				return nil, status.Errorf(codes.Internal, "volume %s: write back to %s: %v", id, v.BackingDevice, err)
+				return grpcError(codes.Internal, err, "volume %s: write back to %s", id, v.BackingDevice)
 			}
 		}
 	}
 	if err := d.opts.Runtime.Unstage(ctx, id, device); err != nil {
-		return nil, status.Errorf(codes.Internal, "volume %s: stop: %v", id, err)
+		return grpcError(codes.Internal, err, "volume %s: stop", id)
 	}
 	if ok && v.Staged != nil {
 		v.Staged = nil
@@ -237,17 +293,17 @@ func (s NodeServer) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageV
 			// A static volume lives here only while staged; its cache
 			// slice is empty of dirty data now.
 			if err := d.opts.NVMe.Delete(cacheName(id)); err != nil {
-				return nil, status.Errorf(codes.Internal, "volume %s: cache slice: %v", id, err)
+				return status.Errorf(codes.Internal, "volume %s: cache slice: %v", id, err)
 			}
 			if err := d.opts.State.Delete(id); err != nil {
-				return nil, status.Errorf(codes.Internal, "volume %s: record: %v", id, err)
+				return status.Errorf(codes.Internal, "volume %s: record: %v", id, err)
 			}
 		} else if err := d.opts.State.Put(v); err != nil {
-			return nil, status.Errorf(codes.Internal, "volume %s: record: %v", id, err)
+			return status.Errorf(codes.Internal, "volume %s: record: %v", id, err)
 		}
 	}
 	klog.InfoS("Volume unstaged", "volume", id, "path", target)
-	return &csi.NodeUnstageVolumeResponse{}, nil
+	return nil
 }
 
 // unmount unmounts path when it is mounted and removes it.
@@ -287,7 +343,10 @@ func (s NodeServer) NodePublishVolume(ctx context.Context, req *csi.NodePublishV
 	if why := checkCapability(c); why != "" {
 		return nil, status.Error(codes.InvalidArgument, why)
 	}
-	unlock := d.locks.lock(id)
+	unlock, err := d.lockVolume(id)
+	if err != nil {
+		return nil, err
+	}
 	defer unlock()
 	v, ok := d.opts.State.Get(id)
 	if !ok {
@@ -325,15 +384,15 @@ func (s NodeServer) NodePublishVolume(ctx context.Context, req *csi.NodePublishV
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "volume %s: check %s: %v", id, target, err)
 	}
-	if mounted {
-		return &csi.NodePublishVolumeResponse{}, nil
-	}
-	if err := d.mnt.Mount(source, target, "", opts); err != nil {
-		return nil, status.Errorf(codes.Internal, "volume %s: bind %s on %s: %v", id, source, target, err)
+	if !mounted {
+		if err := d.mnt.Mount(source, target, "", opts); err != nil {
+			return nil, status.Errorf(codes.Internal, "volume %s: bind %s on %s: %v", id, source, target, err)
+		}
 	}
 	if req.GetReadonly() {
-		// A bind mount ignores "ro" on first mount in older kernels/util-linux:
-		// remount to be sure.
+		// A bind mount ignores "ro" on first mount in older kernels and
+		// util-linux: remount to be sure. Also on a repeated call: the
+		// earlier one may have bound the volume and failed here.
 		if err := d.mnt.Mount(source, target, "", []string{"bind", "remount", "ro"}); err != nil {
 			_ = d.mnt.Unmount(target)
 			return nil, status.Errorf(codes.Internal, "volume %s: remount read-only: %v", id, err)
@@ -353,7 +412,10 @@ func (s NodeServer) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpubl
 	if target == "" {
 		return nil, status.Error(codes.InvalidArgument, "target path is missing")
 	}
-	unlock := d.locks.lock(id)
+	unlock, err := d.lockVolume(id)
+	if err != nil {
+		return nil, err
+	}
 	defer unlock()
 	if err := d.unmount(target); err != nil {
 		return nil, status.Errorf(codes.Internal, "volume %s: %v", id, err)
@@ -419,7 +481,10 @@ func (s NodeServer) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVol
 	if path == "" {
 		return nil, status.Error(codes.InvalidArgument, "volume path is missing")
 	}
-	unlock := d.locks.lock(id)
+	unlock, err := d.lockVolume(id)
+	if err != nil {
+		return nil, err
+	}
 	defer unlock()
 	v, ok := d.opts.State.Get(id)
 	if !ok {

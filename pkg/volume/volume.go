@@ -33,6 +33,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/writeboost-csi/writeboost-csi/pkg/attach"
+	"github.com/writeboost-csi/writeboost-csi/pkg/blockdev"
 	"github.com/writeboost-csi/writeboost-csi/pkg/control"
 	"github.com/writeboost-csi/writeboost-csi/pkg/engine"
 )
@@ -57,6 +58,9 @@ type Manager struct {
 	PreferMethod string
 	// Attacher attaches volumes; nil is SystemAttacher.
 	Attacher Attacher
+	// Devices, when set, supplies a volume's devices instead of opening
+	// its paths (tests: in-memory devices with injected faults).
+	Devices func(s Spec) (cache, backing blockdev.Device, err error)
 
 	mu   sync.Mutex
 	vols map[string]*Volume
@@ -114,7 +118,15 @@ func (m *Manager) Stage(ctx context.Context, s Spec) (string, error) {
 	if err := os.MkdirAll(m.RunDir, 0o700); err != nil {
 		return "", fmt.Errorf("run dir: %w", err)
 	}
-	v, err := Start(ctx, m.config(s))
+	cfg := m.config(s)
+	if m.Devices != nil {
+		c, b, err := m.Devices(s)
+		if err != nil {
+			return "", err
+		}
+		cfg.Cache, cfg.Backing = c, b
+	}
+	v, err := Start(ctx, cfg)
 	if err != nil {
 		return "", err
 	}
