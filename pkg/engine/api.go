@@ -220,6 +220,8 @@ type Status struct {
 	// IndexBytes is the RAM the block index holds (fixed at open: one
 	// entry per cache block plus the hash table).
 	IndexBytes uint64 `json:"index_bytes"`
+	// Memory is what the engine holds in RAM now (memory.go).
+	Memory Memory `json:"memory"`
 	// PacedWrites counts writes slowed because the ring was nearly full
 	// (see the engine's pace.go).
 	PacedWrites uint64 `json:"paced_writes"`

@@ -74,7 +74,9 @@ type Engine struct {
 	// holds it exclusively, write-arounds shared.
 	wbMu      sync.RWMutex
 	wbScratch []byte
-	noFill    bool // tests: no gap filling (writeback.go)
+	// wbScratchBytes is cap(wbScratch), for Status (memory.go).
+	wbScratchBytes scratchCounter
+	noFill         bool // tests: no gap filling (writeback.go)
 
 	// ckptMu serialises checkpoint writes with the cache flush that makes
 	// each durable, so the two alternating slots are never both unsynced.

@@ -54,6 +54,9 @@ func (e *Engine) openSuperblock(opts Options) error {
 	default:
 		return fmt.Errorf("%w: the cache was made for a %d-byte backing device, this one has %d bytes", ErrBackingSize, sb.BackingSize, bsize)
 	}
+	if err := checkAddressable(sb.Geometry()); err != nil {
+		return err
+	}
 	e.sb = sb
 	e.geo = sb.Geometry()
 	e.uuid = sb.UUID
@@ -78,6 +81,9 @@ func (e *Engine) format(opts Options) (layout.Superblock, error) {
 	bsize := e.backing.Size() / blockSize * blockSize
 	sb, err := layout.NewSuperblock(e.cache.Size(), bsize, segSize, uuid, e.clock.Now().UnixNano())
 	if err != nil {
+		return sb, fmt.Errorf("engine: format: %w", err)
+	}
+	if err := checkAddressable(sb.Geometry()); err != nil {
 		return sb, fmt.Errorf("engine: format: %w", err)
 	}
 	// Checkpoints and superblocks of an earlier cache go first; the new

@@ -11,6 +11,7 @@ func (e *Engine) Status() Status {
 	s := Status{
 		NrCacheBlocks:         uint64(e.nd) * e.nseg,
 		IndexBytes:            uint64(e.mu.idx.bytes()),
+		Memory:                e.memoryLocked(),
 		PacedWrites:           e.mu.pacedWrites,
 		WritebackFilledBlocks: e.mu.wbFilled,
 		NrSegments:            e.nseg,

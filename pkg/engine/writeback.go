@@ -139,10 +139,7 @@ func (e *Engine) writebackOnce(maxSegs int, checkpoint bool) (bool, error) {
 	for _, n := range counts {
 		need += n * blockSize
 	}
-	if cap(e.wbScratch) < need {
-		e.wbScratch = make([]byte, need)
-	}
-	segData := e.wbScratch[:need]
+	segData := e.wbScratchBuf(need)
 	segOff := make(map[uint64]int, len(counts))
 	at := 0
 	for k, id := range idRange(from, to) {
@@ -491,6 +488,7 @@ func (e *Engine) writebacker() {
 	for {
 		e.mu.Lock()
 		for !e.mu.stop && !e.writebackWantedLocked() {
+			e.releaseWbScratch() // idle: hold no batch buffer (memory.go)
 			e.cond.Wait()
 		}
 		if e.mu.stop {
