@@ -175,6 +175,9 @@ func (s ControllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolum
 		return nil, status.Errorf(codes.ResourceExhausted, "node %s already has %d volumes (max %d)", d.opts.NodeID, n, d.opts.MaxVolumes)
 	}
 	cacheSize := d.cacheSizeFor(p, capacity)
+	if err := d.admitCreate(id, name, cacheSize); err != nil {
+		return nil, err
+	}
 	if err := d.allocate(id, capacity, cacheSize); err != nil {
 		if errors.Is(err, pool.ErrNoSpace) {
 			return nil, status.Errorf(codes.ResourceExhausted, "volume %q: %v", name, err)
@@ -363,6 +366,14 @@ func (s ControllerServer) GetCapacity(ctx context.Context, req *csi.GetCapacityR
 	default:
 		if byCache := int64(float64(nvme) / d.opts.DefaultCacheFraction); byCache < avail {
 			avail = byCache
+		}
+	}
+	// Memory: the largest cache slice the budget still has room for.
+	if mc := d.memoryCacheLimit(); p.CacheSize > 0 && mc < p.CacheSize {
+		avail = 0
+	} else if p.CacheSize == 0 {
+		if byMem := int64(float64(mc) / d.opts.DefaultCacheFraction); byMem < avail {
+			avail = byMem
 		}
 	}
 	avail = avail / sizeAlign * sizeAlign

@@ -40,6 +40,7 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
+	"github.com/writeboost-csi/writeboost-csi/pkg/membudget"
 	"github.com/writeboost-csi/writeboost-csi/pkg/nodestate"
 	"github.com/writeboost-csi/writeboost-csi/pkg/params"
 	"github.com/writeboost-csi/writeboost-csi/pkg/pool"
@@ -91,6 +92,9 @@ type Options struct {
 	MaxVolumes           int
 	DefaultCacheFraction float64
 	MinCacheSize         int64
+	// Budget bounds the memory of staged volumes (nil: membudget's
+	// DefaultLimit).
+	Budget *membudget.Budget
 	// Mounter does mounts; nil uses the system's.
 	Mounter Mounter
 }
@@ -121,6 +125,10 @@ func New(o Options) (*Driver, error) {
 	}
 	if o.MinCacheSize < params.MinCacheSize {
 		o.MinCacheSize = params.MinCacheSize // the engine's own floor
+	}
+	if o.Budget == nil {
+		limit, _ := membudget.DefaultLimit()
+		o.Budget = membudget.New(limit)
 	}
 	m := o.Mounter
 	if m == nil {
@@ -210,6 +218,9 @@ func (d *Driver) readoptOne(ctx context.Context, v nodestate.Volume) error {
 	p, err := params.Parse(v.Params)
 	if err != nil {
 		return err
+	}
+	if need, err := memoryNeed(v.ID, v.CacheSize); err == nil {
+		d.forceMemory(v.ID, need) // it was staged: counted, never refused
 	}
 	dev, err := d.opts.Runtime.Stage(ctx, volume.Spec{ID: v.ID, BackingPath: v.Staged.BackingPath,
 		CachePath: v.Staged.CachePath, Tunables: p.Tunables})

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/writeboost-csi/writeboost-csi/pkg/engine"
+	"github.com/writeboost-csi/writeboost-csi/pkg/membudget"
 	"github.com/writeboost-csi/writeboost-csi/pkg/nodestate"
 	"github.com/writeboost-csi/writeboost-csi/pkg/pool"
 	"github.com/writeboost-csi/writeboost-csi/pkg/volume"
@@ -102,7 +103,12 @@ func (m *fakeMounter) Resize(string, string) error  { return nil }
 func (m *fakeMounter) ResizeUnmounted(string) error { return nil }
 
 func newTestDriver(t *testing.T, maxVolumes int) (*Driver, *fakeRuntime) {
-	dir := t.TempDir()
+	return newTestDriverIn(t, t.TempDir(), maxVolumes, 1<<40)
+}
+
+// newTestDriverIn makes a driver over the pools and state in dir (a
+// restart, when called again), with a memory budget of budget bytes.
+func newTestDriverIn(t *testing.T, dir string, maxVolumes int, budget int64) (*Driver, *fakeRuntime) {
 	hdd, _ := pool.New(pool.Config{Kind: pool.KindDirectory, Path: filepath.Join(dir, "hdd")})
 	nvme, _ := pool.New(pool.Config{Kind: pool.KindDirectory, Path: filepath.Join(dir, "nvme")})
 	st, err := nodestate.Open(filepath.Join(dir, "state"))
@@ -111,7 +117,7 @@ func newTestDriver(t *testing.T, maxVolumes int) (*Driver, *fakeRuntime) {
 	}
 	rt := &fakeRuntime{}
 	d, err := New(Options{NodeID: "n1", HDD: hdd, NVMe: nvme, State: st, Runtime: rt, Mounter: &fakeMounter{},
-		MaxVolumes: maxVolumes, MinCacheSize: 8 << 20})
+		MaxVolumes: maxVolumes, MinCacheSize: 8 << 20, Budget: membudget.New(budget)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -127,6 +127,11 @@ func (d *Driver) stage(ctx context.Context, v *nodestate.Volume, p *params.Volum
 	if err != nil {
 		return err
 	}
+	// A failure from here on is undone by rollbackStage (unstage), which
+	// also gives the reservation back.
+	if err := d.admitStage(*v); err != nil {
+		return err
+	}
 	dev, err := d.opts.Runtime.Stage(ctx, spec)
 	if err != nil {
 		return grpcError(codes.Internal, err, "volume %s: start", id)
@@ -287,6 +292,7 @@ func (d *Driver) unstage(ctx context.Context, id, target string) error {
 	if err := d.opts.Runtime.Unstage(ctx, id, device); err != nil {
 		return grpcError(codes.Internal, err, "volume %s: stop", id)
 	}
+	d.releaseMemory(id)
 	if ok && v.Staged != nil {
 		v.Staged = nil
 		if static {

@@ -19,6 +19,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/writeboost-csi/writeboost-csi/pkg/engine"
+	"github.com/writeboost-csi/writeboost-csi/pkg/membudget"
 	"github.com/writeboost-csi/writeboost-csi/pkg/metrics"
 	"github.com/writeboost-csi/writeboost-csi/pkg/nodestate"
 	"github.com/writeboost-csi/writeboost-csi/pkg/params"
@@ -36,6 +37,10 @@ type FileConfig struct {
 	DefaultCacheFraction float64 `json:"defaultCacheFraction,omitempty"`
 	MinCacheSize         string  `json:"minCacheSize,omitempty"`
 	MaxVolumes           int     `json:"maxVolumes,omitempty"`
+	// MemoryBudget bounds the memory of the staged volumes (a quantity,
+	// e.g. 3Gi); empty: the container's memory limit less 256 MiB
+	// (package membudget).
+	MemoryBudget string `json:"memoryBudget,omitempty"`
 }
 
 // LoadFileConfig reads and validates a config file.
@@ -54,6 +59,11 @@ func LoadFileConfig(path string) (*FileConfig, error) {
 	if c.MinCacheSize != "" {
 		if _, err := params.ParseQuantity(c.MinCacheSize); err != nil {
 			return nil, fmt.Errorf("config %s: minCacheSize: %w", path, err)
+		}
+	}
+	if c.MemoryBudget != "" {
+		if n, err := params.ParseQuantity(c.MemoryBudget); err != nil || n <= 0 {
+			return nil, fmt.Errorf("config %s: memoryBudget %q: want a positive quantity such as 3Gi", path, c.MemoryBudget)
 		}
 	}
 	if c.MaxVolumes < 0 {
@@ -124,10 +134,17 @@ func Build(cfg Config) (*Driver, error) {
 	if cfg.MaxVolumes > 0 {
 		maxVol = cfg.MaxVolumes
 	}
+	limit, from := membudget.DefaultLimit()
+	if fc.MemoryBudget != "" {
+		limit, _ = params.ParseQuantity(fc.MemoryBudget)
+		from = "config memoryBudget"
+	}
+	klog.InfoS("Memory budget", "bytes", limit, "budget", membudget.Bytes(limit), "from", from)
 	rt := &volume.Manager{RunDir: cfg.RunDir, AttachStateDir: filepath.Join(cfg.StateDir, "attach"),
 		RelayCommand: cfg.RelayCommand}
 	return New(Options{NodeID: cfg.NodeID, Version: cfg.Version, HDD: hdd, NVMe: nvme, State: st, Runtime: rt,
-		MaxVolumes: maxVol, DefaultCacheFraction: fc.DefaultCacheFraction, MinCacheSize: minCache})
+		MaxVolumes: maxVol, DefaultCacheFraction: fc.DefaultCacheFraction, MinCacheSize: minCache,
+		Budget: membudget.New(limit)})
 }
 
 // parseEndpoint accepts unix:///path, unix:/path, a bare path, or
@@ -192,7 +209,7 @@ func (d *Driver) Serve(ctx context.Context, cfg Config) error {
 	var https []*http.Server
 	if cfg.MetricsAddress != "" {
 		reg := prometheus.NewRegistry()
-		reg.MustRegister(metrics.NewCollector(d.opts.NodeID, d.statuses).WithPools(d.poolWipes))
+		reg.MustRegister(metrics.NewCollector(d.opts.NodeID, d.statuses).WithPools(d.poolWipes).WithBudget(d.budgetFigures))
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 		https = append(https, &http.Server{Addr: cfg.MetricsAddress, Handler: mux, ReadHeaderTimeout: 10 * time.Second})

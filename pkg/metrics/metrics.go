@@ -20,13 +20,20 @@ const blockSize = 4096
 // PoolSource reports the pools' background wipes by pool role (hdd, nvme).
 type PoolSource func() map[string]pool.WipeStatus
 
+// BudgetSource reports the node's memory budget and each staged volume's
+// reservation in it.
+type BudgetSource func() (budget int64, reserved map[string]int64)
+
 // Collector is a prometheus.Collector over a Source.
 type Collector struct {
-	node  string
-	src   Source
-	pools PoolSource
+	node   string
+	src    Source
+	pools  PoolSource
+	budget BudgetSource
 
-	wipePending, wiped *prometheus.Desc
+	wipePending, wiped               *prometheus.Desc
+	memory, memReserved, budgetBytes *prometheus.Desc
+	budgetReserved                   *prometheus.Desc
 
 	dirty, cacheSize, backingSize, readHit, writeHit, wbRate, wbLag, util *prometheus.Desc
 	wbBytes, flushes, flushSeconds, ioErrors                              *prometheus.Desc
@@ -55,7 +62,19 @@ func NewCollector(node string, src Source) *Collector {
 			"Bytes of deleted volumes (or adopted free space) still being zeroed; they are not free for new volumes until wiped.", []string{"pool", "node"}, nil),
 		wiped: prometheus.NewDesc("writeboost_pool_wiped_bytes_total",
 			"Bytes zeroed and handed back to the pool by its wiper since the plugin started.", []string{"pool", "node"}, nil),
+		memory:      d("memory_bytes", "Memory the volume's cache engine holds now, by part: index (fixed at open), buffers (RAM buffers on tmpfs, charged to the pod), scratch (writeback, held only while it runs).", "part"),
+		memReserved: d("memory_reserved_bytes", "Worst-case memory reserved for the volume in the node's memory budget (index + buffers + scratch + NBD requests in flight)."),
+		budgetBytes: prometheus.NewDesc("writeboost_memory_budget_bytes",
+			"The node plugin's memory budget: staging is refused beyond it.", []string{"node"}, nil),
+		budgetReserved: prometheus.NewDesc("writeboost_memory_budget_reserved_bytes",
+			"Memory reserved by the staged volumes of the node, out of writeboost_memory_budget_bytes.", []string{"node"}, nil),
 	}
+}
+
+// WithBudget adds the node's memory budget figures.
+func (c *Collector) WithBudget(b BudgetSource) *Collector {
+	c.budget = b
+	return c
 }
 
 // WithPools adds the pools' wipe figures.
@@ -67,7 +86,7 @@ func (c *Collector) WithPools(p PoolSource) *Collector {
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.dirty, c.cacheSize, c.backingSize, c.readHit, c.writeHit, c.wbRate,
-		c.wbLag, c.util, c.wbBytes, c.flushes, c.flushSeconds, c.ioErrors, c.wipePending, c.wiped} {
+		c.wbLag, c.util, c.wbBytes, c.flushes, c.flushSeconds, c.ioErrors, c.wipePending, c.wiped, c.memory, c.memReserved, c.budgetBytes, c.budgetReserved} {
 		ch <- d
 	}
 }
@@ -79,6 +98,16 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(c.wipePending, prometheus.GaugeValue, float64(w.PendingBytes), role, c.node)
 			ch <- prometheus.MustNewConstMetric(c.wiped, prometheus.CounterValue, float64(w.WipedBytes), role, c.node)
 		}
+	}
+	if c.budget != nil {
+		limit, vols := c.budget()
+		var sum int64
+		for vol, n := range vols {
+			sum += n
+			ch <- prometheus.MustNewConstMetric(c.memReserved, prometheus.GaugeValue, float64(n), vol, c.node)
+		}
+		ch <- prometheus.MustNewConstMetric(c.budgetBytes, prometheus.GaugeValue, float64(limit), c.node)
+		ch <- prometheus.MustNewConstMetric(c.budgetReserved, prometheus.GaugeValue, float64(sum), c.node)
 	}
 	for vol, s := range c.src() {
 		g := func(d *prometheus.Desc, v float64, extra ...string) {
@@ -104,5 +133,8 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		k(c.flushSeconds, s.FlushLatencySecondsSum)
 		k(c.ioErrors, float64(s.CacheIOErrors), "cache")
 		k(c.ioErrors, float64(s.BackingIOErrors), "backing")
+		g(c.memory, float64(s.Memory.Index), "index")
+		g(c.memory, float64(s.Memory.Buffers), "buffers")
+		g(c.memory, float64(s.Memory.Scratch), "scratch")
 	}
 }

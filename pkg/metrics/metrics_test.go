@@ -54,3 +54,29 @@ writeboost_pool_wiped_bytes_total{node="node-a",pool="hdd"} 4096
 		t.Fatal(err)
 	}
 }
+
+func TestCollectorMemory(t *testing.T) {
+	c := NewCollector("node-a", func() map[string]engine.Status {
+		return map[string]engine.Status{"vol-1": {Memory: engine.Memory{Index: 100, Buffers: 20, Scratch: 3}}}
+	}).WithBudget(func() (int64, map[string]int64) { return 1000, map[string]int64{"vol-1": 400} })
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(c)
+	want := `
+# HELP writeboost_memory_budget_bytes The node plugin's memory budget: staging is refused beyond it.
+# TYPE writeboost_memory_budget_bytes gauge
+writeboost_memory_budget_bytes{node="node-a"} 1000
+# HELP writeboost_memory_budget_reserved_bytes Memory reserved by the staged volumes of the node, out of writeboost_memory_budget_bytes.
+# TYPE writeboost_memory_budget_reserved_bytes gauge
+writeboost_memory_budget_reserved_bytes{node="node-a"} 400
+# HELP writeboost_memory_reserved_bytes Worst-case memory reserved for the volume in the node's memory budget (index + buffers + scratch + NBD requests in flight).
+# TYPE writeboost_memory_reserved_bytes gauge
+writeboost_memory_reserved_bytes{node="node-a",volume="vol-1"} 400
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "writeboost_memory_budget_bytes",
+		"writeboost_memory_budget_reserved_bytes", "writeboost_memory_reserved_bytes"); err != nil {
+		t.Fatal(err)
+	}
+	if n := testutil.CollectAndCount(c, "writeboost_memory_bytes"); n != 3 {
+		t.Fatalf("%d writeboost_memory_bytes series, want 3 (index, buffers, scratch)", n)
+	}
+}

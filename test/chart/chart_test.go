@@ -34,6 +34,7 @@ import (
 	"github.com/writeboost-csi/writeboost-csi/pkg/driver"
 	"github.com/writeboost-csi/writeboost-csi/pkg/engine"
 	"github.com/writeboost-csi/writeboost-csi/pkg/params"
+	wbpool "github.com/writeboost-csi/writeboost-csi/pkg/pool"
 	"github.com/writeboost-csi/writeboost-csi/test/testenv"
 )
 
@@ -372,6 +373,8 @@ type group struct {
 type expect struct {
 	kubeletDir, stateDir, runDir string
 	maxVolumes                   int
+	memoryBudget                 string   // "" = derived from the memory limit
+	noZeroFree                   []string // pools (group/role) rendered with zeroFreeSpace: false
 	groups                       []group
 	metricsPort                  int // 0: metrics off
 	storageClasses               []string
@@ -679,6 +682,15 @@ func checkDaemonSet(t *testing.T, o *objects, ds *appsv1.DaemonSet, e expect, g 
 	if fc.MaxVolumes != e.maxVolumes {
 		t.Errorf("config maxVolumes %d, want %d", fc.MaxVolumes, e.maxVolumes)
 	}
+	if fc.MemoryBudget != e.memoryBudget {
+		t.Errorf("config memoryBudget %q, want %q", fc.MemoryBudget, e.memoryBudget)
+	}
+	for role, pc := range map[string]*wbpool.Config{"hdd": fc.Pools.HDD, "nvme": fc.Pools.NVMe} {
+		want := !slices.Contains(e.noZeroFree, g.name+"/"+role)
+		if got := pc.ZeroFreeSpace == nil || *pc.ZeroFreeSpace; pc.Kind == "lvm" && got != want {
+			t.Errorf("group %s pool %s: zeroFreeSpace %v, want %v", g.name, role, got, want)
+		}
+	}
 
 	// preStop flushes the very state the plugin uses, within the grace period.
 	if p.Lifecycle == nil || p.Lifecycle.PreStop == nil || p.Lifecycle.PreStop.Exec == nil {
@@ -805,6 +817,7 @@ func TestCustomValues(t *testing.T) {
 	o := decodeAll(t, out)
 	checkRender(t, o, expect{
 		kubeletDir: "/var/lib/k0s/kubelet", stateDir: "/var/lib/wb-state", runDir: "/run/wb", maxVolumes: 16,
+		memoryBudget: "3Gi", noZeroFree: []string{"lvm/nvme"},
 		groups: []group{
 			{name: "hdd-dirs", nodeSelector: map[string]string{"storage.example.com/tier": "dirs", "kubernetes.io/arch": "amd64"},
 				hdd: pool{kind: "directory", path: "/srv/hdd"}, nvme: pool{kind: "directory", path: "/srv/nvme"}},
