@@ -175,10 +175,10 @@ func (s ControllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolum
 		return nil, status.Errorf(codes.ResourceExhausted, "node %s already has %d volumes (max %d)", d.opts.NodeID, n, d.opts.MaxVolumes)
 	}
 	cacheSize := d.cacheSizeFor(p, capacity)
-	if err := d.admitCreate(id, name, cacheSize); err != nil {
-		return nil, err
-	}
 	if err := d.allocate(id, capacity, cacheSize); err != nil {
+		if _, ok := status.FromError(err); ok {
+			return nil, err // the memory budget's refusal
+		}
 		if errors.Is(err, pool.ErrNoSpace) {
 			return nil, status.Errorf(codes.ResourceExhausted, "volume %q: %v", name, err)
 		}
@@ -202,6 +202,9 @@ func (d *Driver) allocate(id string, capacity, cacheSize int64) error {
 	}
 	if free, err := d.opts.NVMe.Capacity(); err == nil && free < cacheSize {
 		return fmt.Errorf("%w: nvme pool has %d bytes free, %d needed", pool.ErrNoSpace, free, cacheSize)
+	}
+	if err := d.admitCreate(id, cacheSize); err != nil {
+		return err
 	}
 	if _, err := d.opts.HDD.Create(id, capacity); err != nil {
 		return fmt.Errorf("backing: %w", err)

@@ -55,13 +55,13 @@ func (d *Driver) committedMemory(except string) int64 {
 
 // admitCreate refuses a new volume whose memory would not fit beside the
 // node's volumes.
-func (d *Driver) admitCreate(id, name string, cacheSize int64) error {
+func (d *Driver) admitCreate(id string, cacheSize int64) error {
 	need, err := memoryNeed(id, cacheSize)
 	if err != nil {
 		return err
 	}
 	if err := d.opts.Budget.Commit(id, need, d.committedMemory(id)); err != nil {
-		return status.Errorf(codes.ResourceExhausted, "volume %q on node %s: %v", name, d.opts.NodeID, err)
+		return status.Errorf(codes.ResourceExhausted, "volume %s on node %s: %v", id, d.opts.NodeID, err)
 	}
 	return nil
 }

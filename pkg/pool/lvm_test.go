@@ -176,7 +176,7 @@ func (f *fakeVG) run(_ context.Context, name string, args ...string) ([]byte, er
 	case "lvchange":
 		lv := f.lvs[lvName]
 		t := argAfter(args, "--deltag")
-		lv.tags = slices_delete(lv.tags, t)
+		lv.tags = withoutTag(lv.tags, t)
 		return nil, nil
 	case "lvextend":
 		lv := f.lvs[lvName]
@@ -214,7 +214,7 @@ func (f *fakeVG) run(_ context.Context, name string, args ...string) ([]byte, er
 	return nil, fmt.Errorf("unexpected %s %v", name, args)
 }
 
-func slices_delete(tags []string, t string) []string {
+func withoutTag(tags []string, t string) []string {
 	var out []string
 	for _, x := range tags {
 		if x != t {
