@@ -343,9 +343,15 @@ func (s ControllerServer) GetCapacity(ctx context.Context, req *csi.GetCapacityR
 			return &csi.GetCapacityResponse{AvailableCapacity: 0}, nil
 		}
 	}
+	// A StorageClass with a bad parameter still gets the pools' capacity
+	// (as with no cacheSize): refusing it here leaves the class without a
+	// CSIStorageCapacity, the scheduler then reports only "not enough free
+	// storage" for its pods, and CreateVolume, whose ProvisioningFailed
+	// event names the parameter, is never called.
 	p, err := params.Parse(req.GetParameters())
 	if err != nil {
-		return nil, paramError(err)
+		klog.V(4).InfoS("GetCapacity: ignoring the StorageClass's parameters", "err", err)
+		p = &params.Volume{}
 	}
 	if len(d.opts.State.List()) >= d.opts.MaxVolumes {
 		return &csi.GetCapacityResponse{AvailableCapacity: 0}, nil

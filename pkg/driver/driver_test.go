@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 
@@ -176,6 +177,21 @@ func TestCreateIdempotentAndConflicts(t *testing.T) {
 	r, err := cs.GetCapacity(ctx, &csi.GetCapacityRequest{AccessibleTopology: &csi.Topology{Segments: map[string]string{TopologyKey: "n2"}}})
 	if err != nil || r.AvailableCapacity != 0 {
 		t.Fatalf("capacity of n2: %v %v", r, err)
+	}
+	// A class with a bad parameter gets the pools' capacity, so its pods
+	// are scheduled and CreateVolume's error names the parameter.
+	plain, err := cs.GetCapacity(ctx, &csi.GetCapacityRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := map[string]string{"writebackThreshold": "101"}
+	r, err = cs.GetCapacity(ctx, &csi.GetCapacityRequest{Parameters: bad})
+	if err != nil || r.AvailableCapacity != plain.AvailableCapacity {
+		t.Fatalf("capacity with a bad parameter: %v %v, want %d", r, err, plain.AvailableCapacity)
+	}
+	if _, err := cs.CreateVolume(ctx, createReq("bad", 1<<20, bad)); status.Code(err) != codes.InvalidArgument ||
+		!strings.Contains(err.Error(), "writebackThreshold") {
+		t.Fatalf("CreateVolume with a bad parameter: %v", err)
 	}
 }
 
