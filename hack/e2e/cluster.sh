@@ -296,9 +296,25 @@ umount_under() {
 	done
 }
 
+# our_loops lists loop devices backed by files of the cluster, the pools or
+# the plugin; a backing file that reads "/disk" is a fallback attachment's
+# FUSE file whose mount was lazily detached: dead, and the plugin's shape.
+our_loops() {
+	local dev back
+	losetup -n -l -O NAME,BACK-FILE 2>/dev/null | while read -r dev back; do
+		case "$back" in
+		"$R"/* | /var/lib/writeboost/* | /run/writeboost/* | "$KUBELET_DIR"/* | /disk) echo "$dev" ;;
+		esac
+	done
+}
+
 down() {
 	[ -d "$R" ] || { log "nothing to tear down"; return 0; }
 	log "tearing down"
+	# The plugin's loop devices, named while their FUSE files still have
+	# their full paths (once a FUSE mount is gone the path reads "/disk").
+	local ours
+	ours=$(our_loops)
 	stop kubelet
 	# Containers: kill and delete every container of our runc root, so no
 	# pod process outlives the cluster (their FUSE servers included).
@@ -324,11 +340,10 @@ down() {
 	local d
 	for d in "$KUBELET_DIR" "${PLUGIN_DIRS[@]}" "$R"; do umount_under "$d"; done
 	# Loop devices whose backing file is ours (the plugin's attachments, the pools).
-	local dev back
-	losetup -n -l -O NAME,BACK-FILE 2>/dev/null | while read -r dev back; do
-		case "$back" in
-		"$R"/* | /var/lib/writeboost/* | /run/writeboost/* | "$KUBELET_DIR"/*) losetup -d "$dev" 2>/dev/null || log "could not detach $dev ($back)" ;;
-		esac
+	local dev
+	for dev in $ours $(our_loops); do
+		[ -e "/sys/block/${dev#/dev/}/loop" ] || continue
+		losetup -d "$dev" 2>/dev/null || log "could not detach $dev"
 	done
 	# Network namespaces made during this run (CNI's), then links and rules.
 	local ns
