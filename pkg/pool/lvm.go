@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"maps"
 	"os/exec"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -446,6 +447,15 @@ var wipeRetry = 30 * time.Second
 
 func (l *LVM) wipeLoop(ctx context.Context, wake <-chan struct{}, done chan<- struct{}) {
 	defer close(done)
+	// The wiper's zeroing gives way to the volumes' own I/O where the I/O
+	// scheduler honours priorities (BFQ): an HDD wipe must not starve
+	// writeback. The thread keeps the priority, so the goroutine keeps
+	// the thread.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	if err := setLowIOPriority(); err != nil {
+		klog.V(2).InfoS("Wiper runs at normal I/O priority", "pool", l.String(), "err", err)
+	}
 	var retry <-chan time.Time
 	for {
 		select {
@@ -577,7 +587,9 @@ func (l *LVM) wipeOne(ctx context.Context, name string, size, ext int64) error {
 		l.mu.wipedSum += n
 		l.mu.lastErr = nil
 		l.mu.Unlock()
-		klog.V(2).InfoS("Wipe progress", "pool", l.String(), "wipeLV", name, "left", size, "of", total, "method", method)
+		if done := total - size; done*10/total != (done-n)*10/total {
+			klog.InfoS("Wipe progress", "pool", l.String(), "wipeLV", name, "percent", done*100/total, "left", size, "method", method)
+		}
 	}
 	el := time.Since(began)
 	klog.InfoS("Released space wiped and returned", "pool", l.String(), "wipeLV", name, "bytes", total,

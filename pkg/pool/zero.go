@@ -23,6 +23,18 @@ const (
 	ZeroHole = "hole"
 )
 
+// setLowIOPriority puts the calling thread at the lowest best-effort I/O
+// priority (ioprio_set(IOPRIO_WHO_PROCESS, 0, BE level 7)). Not the idle
+// class: on a disk that is never idle it would starve, and the space
+// would never come back.
+func setLowIOPriority() error {
+	const whoProcess, classBE, classShift, lowest = 1, 2, 13, 7
+	if _, _, errno := unix.Syscall(unix.SYS_IOPRIO_SET, whoProcess, 0, classBE<<classShift|lowest); errno != 0 {
+		return errno
+	}
+	return nil
+}
+
 // ZeroRange makes [off, off+n) of the block device or file at path read
 // as zeros and syncs it. It asks for the cheapest way the device offers:
 // on a block device fallocate(PUNCH_HOLE|KEEP_SIZE), which the kernel
