@@ -114,6 +114,10 @@ func Build(cfg Config) (*Driver, error) {
 	if hddCfg == nil || nvmeCfg == nil {
 		return nil, errors.New("both an HDD and an NVMe pool are required (--hdd-pool/--nvme-pool or the config file)")
 	}
+	if hddCfg.Kind == pool.KindLVM && nvmeCfg.Kind == pool.KindLVM && hddCfg.VolumeGroup == nvmeCfg.VolumeGroup {
+		// Each LVM pool owns its group's free space (its wiper).
+		return nil, fmt.Errorf("the hdd and nvme pools share the volume group %s", hddCfg.VolumeGroup)
+	}
 	hdd, err := pool.New(*hddCfg)
 	if err != nil {
 		return nil, fmt.Errorf("hdd pool: %w", err)
