@@ -347,7 +347,12 @@ func runVMJob(ctx context.Context, v *vmEnv, d *vmDev, j VMJob, o vmOpts) VMFio 
 			r.DirtyAfter = n
 		}
 	}
-	klog.InfoS("fio", "job", j.ID, "iops", int(r.IOPS()), "MBps", int(r.BW()/1e6), "p99ms", r.P99Ms(), "cpuBusy", r.CPUBusy, "dirtyAfter", r.DirtyAfter, "error", r.Error)
+	if d.Engine != nil {
+		if snap, err := d.Engine(ctx); err == nil {
+			r.Engine = snap
+		}
+	}
+	klog.InfoS("fio", "job", j.ID, "ringUsed", r.Engine.RingUsed(), "iops", int(r.IOPS()), "MBps", int(r.BW()/1e6), "p99ms", r.P99Ms(), "cpuBusy", r.CPUBusy, "dirtyAfter", r.DirtyAfter, "error", r.Error)
 	return r
 }
 

@@ -260,7 +260,11 @@ func cpuNote(r *VMResults, job string) string {
 	if !ok {
 		return "writeboost's job failed"
 	}
-	s := fmt.Sprintf("during the job the VM's vCPUs were %.0f %% busy", 100*x.CPUBusy)
+	s := ""
+	if x.Engine != nil {
+		s = fmt.Sprintf("after the job %.0f %% of writeboost's ring was not yet written back (%d writes paced since the volume started); ", 100*x.Engine.RingUsed(), x.Engine.PacedWrites)
+	}
+	s += fmt.Sprintf("during the job the VM's vCPUs were %.0f %% busy", 100*x.CPUBusy)
 	if x.RuntimeSec > 0 {
 		cpus := float64(r.Main.CPUs)
 		s += fmt.Sprintf(", writeboost serve alone %.0f %% of them (%.0f µs of CPU per request)",
@@ -536,6 +540,17 @@ func renderVMSection(r *VMResults, charts []string) string {
 			busy32, srv32 = fmt.Sprintf("%.0f %%", 100*x32.CPUBusy), srv(x32)
 		}
 		p("| %s | %.0f | %.0f %% | %s | %s | %s |\n", vmSysName(id), 1e6/x1.IOPS(), 100*x1.CPUBusy, srv(x1), busy32, srv32)
+	}
+	p("\n")
+	p("writeboost's log after each job (writes are paced while more than 75 %% of the ring is not yet written back; counters run from the volume's start: the short jobs share one volume, each sustained job has its own).\n\n")
+	p("| After | Ring not written back | Dirty blocks | Paced writes | Written back |\n|---|---|---|---|---|\n")
+	for _, j := range vmJobs {
+		x, ok := m.Fio[j.ID]["wbk"]
+		if !ok || x.Engine == nil {
+			continue
+		}
+		en := x.Engine
+		p("| %s | %.0f %% | %d | %d | %s |\n", j.Title, 100*en.RingUsed(), en.NrDirtyCacheBlocks, en.PacedWrites, humanBytes(float64(en.WritebackBytes)))
 	}
 	p("\n")
 	for _, key := range []string{"wbk/qd1", "wbk/qd32", "dmwb/qd1", "dmwb/qd32"} {

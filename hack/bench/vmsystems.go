@@ -60,6 +60,8 @@ type vmDev struct {
 	// Drain writes back everything and returns when nothing is dirty.
 	Drain func(ctx context.Context) error
 	Close func() error
+	// Engine reports writeboost's log state (nil for the others).
+	Engine func(ctx context.Context) (*EngineSnapshot, error)
 }
 
 var vmSystems = []VMSystem{
@@ -489,6 +491,9 @@ func setupWriteboost(method string) func(ctx context.Context, v *vmEnv, d vmDevi
 			Drain: func(ctx context.Context) error {
 				_, err := sh(ctx, v.writeboost, "drain", "--control", ctl)
 				return err
+			},
+			Engine: func(ctx context.Context) (*EngineSnapshot, error) {
+				return engineSnapshot(ctx, v.writeboost, ctl)
 			},
 			Close: func() error {
 				err := detach()
