@@ -11,7 +11,8 @@
 #
 # Environment: BENCHVM_ARGS (extra arguments for `bench vm`, e.g.
 # "--runtime 4s --sustained 15s"), BENCHVM_SYSTEMS (comma-separated ids),
-# BENCHVM_MEM (guest MiB), WRITEBOOST_CACHE_DIR (where the module and the
+# BENCHVM_MEM (guest MiB), BENCHVM_RUNNER (another copy of hack/vm/run.sh),
+# BENCHVM_SKIP_MAIN=1 (only the power cut), WRITEBOOST_CACHE_DIR (where the module and the
 # run's files live).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +35,7 @@ CGO_ENABLED=0 go build -o "$run/writeboost" ./cmd/writeboost
 vm() {
 	local name="$1"
 	shift
-	bash hack/vm/run.sh --mem "${BENCHVM_MEM:-3072}" --cpus "$(nproc)" --console "$run/console-$name.log" "$@"
+	bash "${BENCHVM_RUNNER:-hack/vm/run.sh}" --mem "${BENCHVM_MEM:-3072}" --cpus "$(nproc)" --console "$run/console-$name.log" "$@"
 }
 
 CACHE_SIZE=$((32 << 20))
@@ -52,7 +53,9 @@ started="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 load_start="$(cut -d' ' -f1-3 /proc/loadavg)"
 
 echo "bench-vm: main run (log: $run/main.log)" >&2
-if ! vm main -- "$run/bench" vm --phase main "${args[@]}" >"$run/main.log" 2>&1; then
+if [ "${BENCHVM_SKIP_MAIN:-0}" = 1 ]; then
+	echo "bench-vm: main run skipped" >&2
+elif ! vm main -- "$run/bench" vm --phase main "${args[@]}" >"$run/main.log" 2>&1; then
 	echo "bench-vm: the main run failed (see $run/main.log)" >&2
 fi
 

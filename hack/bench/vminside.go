@@ -45,12 +45,12 @@ func vmMain(args []string) error {
 	fs.StringVar(&o.work, "work", "/tmp/benchvm", "VM-local scratch directory (tmpfs)")
 	fs.StringVar(&o.writeboost, "writeboost", "", "cmd/writeboost binary")
 	fs.StringVar(&o.module, "module", "", "dm-writeboost.ko built for this kernel")
-	fs.Int64Var(&o.cache, "cache-size", 64<<20, "cache device size, bytes")
+	fs.Int64Var(&o.cache, "cache-size", 32<<20, "cache device size, bytes")
 	fs.Int64Var(&o.hdd, "hdd-size", 1<<30, "HDD model size (its full stroke), bytes")
-	fs.DurationVar(&o.short, "runtime", 8*time.Second, "measured time of each short job")
-	fs.DurationVar(&o.ramp, "ramp", 2*time.Second, "ramp before each short job")
-	fs.DurationVar(&o.sustained, "sustained", 30*time.Second, "measured time of each sustained job")
-	fs.DurationVar(&o.drainLimit, "drain-limit", 4*time.Minute, "give up a drain after this long")
+	fs.DurationVar(&o.short, "runtime", 5*time.Second, "measured time of each short job")
+	fs.DurationVar(&o.ramp, "ramp", 1*time.Second, "ramp before each short job")
+	fs.DurationVar(&o.sustained, "sustained", 20*time.Second, "measured time of each sustained job")
+	fs.DurationVar(&o.drainLimit, "drain-limit", 2*time.Minute, "give up a drain after this long")
 	fs.Float64Var(&o.fill, "fill", 0.6, "power cut: share of the cache filled with dirty data")
 	fs.StringVar(&o.systems, "systems", "", "comma-separated system ids (default: all)")
 	fs.StringVar(&o.hddAttach, "hdd-attach", "kernel-netlink", "attach method for the HDD model (another only to try the driver outside the VM)")
@@ -407,7 +407,11 @@ func vmPhaseMain(ctx context.Context, v *vmEnv, o vmOpts) error {
 			if s.ID == "wbk" || s.ID == "dmwb" {
 				// Profiles come from extra runs, so that perf's
 				// sampling does not slow the measured ones.
-				for _, id := range []string{"qd1", "qd32"} {
+				jobs := []string{"qd1", "qd32"}
+				if s.ID == "dmwb" {
+					jobs = jobs[1:]
+				}
+				for _, id := range jobs {
 					pr := profileJob(ctx, v, d, vmJob(id), o)
 					if p.Profiles == nil {
 						p.Profiles = map[string]string{}

@@ -219,6 +219,9 @@ func evaluateVMGoals(r *VMResults) []Goal {
 func vmWhy(r *VMResults, id string) string {
 	switch {
 	case id == "vm-qd1-lat":
+		if n := engineNote(r, "qd1"); n != "" {
+			return qd1Breakdown(r) + "; " + n
+		}
 		return qd1Breakdown(r)
 	case id == "vm-qd32-dmwb":
 		return cpuNote(r, "qd32")
@@ -260,9 +263,9 @@ func cpuNote(r *VMResults, job string) string {
 	if !ok {
 		return "writeboost's job failed"
 	}
-	s := ""
-	if x.Engine != nil {
-		s = fmt.Sprintf("after the job %.0f %% of writeboost's ring was not yet written back (%d writes paced since the volume started); ", 100*x.Engine.RingUsed(), x.Engine.PacedWrites)
+	s := engineNote(r, job)
+	if s != "" {
+		s += "; "
 	}
 	s += fmt.Sprintf("during the job the VM's vCPUs were %.0f %% busy", 100*x.CPUBusy)
 	if x.RuntimeSec > 0 {
@@ -587,4 +590,37 @@ func insertVMSection(page, section string) string {
 		return page[:i+1] + section + page[i+1:]
 	}
 	return page + "\n" + section
+}
+
+// pacedDuring is how many of writeboost's writes job had paced: the
+// counter's rise since the previous job on the same volume (the short jobs
+// share one; each sustained job has its own).
+func pacedDuring(r *VMResults, job string) string {
+	x, ok := r.Main.Fio[job]["wbk"]
+	if !ok || x.Engine == nil {
+		return "an unknown number"
+	}
+	var before uint64
+	if !vmJob(job).Sustained {
+		for _, j := range vmJobs {
+			if j.ID == job {
+				break
+			}
+			if y, ok := r.Main.Fio[j.ID]["wbk"]; ok && y.Engine != nil && !j.Sustained {
+				before = y.Engine.PacedWrites
+			}
+		}
+	}
+	return fmt.Sprintf("%d", x.Engine.PacedWrites-min(before, x.Engine.PacedWrites))
+}
+
+// engineNote says how full writeboost's log was after job and how many
+// writes it paced.
+func engineNote(r *VMResults, job string) string {
+	x, ok := r.Main.Fio[job]["wbk"]
+	if !ok || x.Engine == nil {
+		return ""
+	}
+	return fmt.Sprintf("after the job %.0f %% of writeboost's ring was not yet written back, and %s writes were paced during it (held back for writeback, which the engine does above 75 %%; %.0f writes in the measured %.0f s)",
+		100*x.Engine.RingUsed(), pacedDuring(r, job), x.WriteIOPS*x.RuntimeSec, x.RuntimeSec)
 }
