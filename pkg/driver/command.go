@@ -61,6 +61,8 @@ Minimal local run:
 	f.StringVar(&cfg.MetricsAddress, "metrics-address", "", "Prometheus /metrics listen address; empty = off")
 	f.StringVar(&cfg.HealthAddress, "health-address", "", "HTTP /healthz listen address; empty = off")
 	f.IntVar(&cfg.MaxVolumes, "max-volumes", 64, "volumes this node accepts (overrides the config file's maxVolumes)")
+	f.DurationVar(&cfg.CacheReadDelay, "debug-cache-read-delay", 0, "tests: delay every cache device read by this much (a slow recovery)")
+	_ = f.MarkHidden("debug-cache-read-delay")
 	cmd.AddCommand(newPrestopCommand(), attach.NewRelayCommand(), newParamsCommand())
 	return cmd
 }

@@ -35,6 +35,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -104,6 +105,12 @@ type Driver struct {
 	opts  Options
 	locks keyLocks
 	mnt   Mounter
+	// rec tracks the re-adoption after a restart (Readopt).
+	rec struct {
+		sync.Mutex
+		ids     map[string]bool // volumes whose recovery is running
+		pending int             // Readopt calls not finished
+	}
 }
 
 // New returns a driver.
@@ -164,8 +171,12 @@ func (k *keyLocks) tryLock(key string) (unlock func(), ok bool) {
 	}, true
 }
 
-// lockVolume takes the volume's lock or returns the Aborted error.
+// lockVolume takes the volume's lock or returns the Aborted error, or
+// Unavailable while the volume recovers after a restart of the plugin.
 func (d *Driver) lockVolume(id string) (func(), error) {
+	if d.recovering(id) {
+		return nil, status.Errorf(codes.Unavailable, "volume %s is recovering after a restart of the plugin (replaying its cache log); try again shortly", id)
+	}
 	unlock, ok := d.locks.tryLock(id)
 	if !ok {
 		return nil, status.Errorf(codes.Aborted, "an operation on volume %s is already in progress", id)
@@ -193,30 +204,111 @@ func grpcError(code codes.Code, err error, format string, args ...any) error {
 
 // Readopt restarts the data path of every volume recorded as staged, after
 // a restart of the plugin: the engine recovers, serves again and keeps (or
-// reattaches) its device, so mounted filesystems carry on.
+// reattaches) its device, so mounted filesystems carry on. Volumes come
+// back in parallel (recoveries are I/O bound, each on its own devices);
+// until a volume's recovery ends, calls on it answer Unavailable, and until
+// all have, Probe reports not ready. ctx bounds the recoveries (the
+// plugin's shutdown abandons them; an abandoned recovery is a crash, which
+// the next one handles).
 func (d *Driver) Readopt(ctx context.Context) error {
-	var errs []error
+	return d.finishReadopt(ctx, d.beginReadopt())
+}
+
+// beginReadopt marks every staged volume as recovering (and the plugin as
+// not ready) and returns them; finishReadopt brings them back. Serve calls
+// the first before it listens and runs the second in the background.
+func (d *Driver) beginReadopt() []nodestate.Volume {
+	var staged []nodestate.Volume
 	for _, v := range d.opts.State.List() {
-		if v.Staged == nil {
-			continue
-		}
-		unlock, ok := d.locks.tryLock(v.ID)
-		if !ok {
-			continue // a call got there first: it brings the volume up itself
-		}
-		err := d.readoptOne(ctx, v)
-		unlock()
-		if err != nil {
-			klog.ErrorS(err, "Re-adopting a staged volume failed", "volume", v.ID)
-			errs = append(errs, fmt.Errorf("volume %s: %w", v.ID, err))
+		if v.Staged != nil {
+			staged = append(staged, v)
 		}
 	}
+	d.markRecovering(staged)
+	return staged
+}
+
+func (d *Driver) finishReadopt(ctx context.Context, staged []nodestate.Volume) error {
+	defer d.readoptFinished()
+	start := time.Now()
+	sem := make(chan struct{}, readoptParallel)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var errs []error
+	for _, v := range staged {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer d.doneRecovering(v.ID)
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			vstart := time.Now()
+			err := d.readoptOne(ctx, v)
+			if err != nil {
+				klog.ErrorS(err, "Re-adopting a staged volume failed", "volume", v.ID)
+				mu.Lock()
+				errs = append(errs, fmt.Errorf("volume %s: %w", v.ID, err))
+				mu.Unlock()
+				return
+			}
+			klog.InfoS("Re-adopted staged volume", "volume", v.ID, "seconds", time.Since(vstart).Seconds())
+		}()
+	}
+	wg.Wait()
+	klog.InfoS("Re-adoption done", "volumes", len(staged), "failed", len(errs), "seconds", time.Since(start).Seconds())
 	return errors.Join(errs...)
+}
+
+// readoptParallel bounds the recoveries run at once.
+const readoptParallel = 8
+
+// markRecovering marks vs as recovering and the driver as not ready.
+func (d *Driver) markRecovering(vs []nodestate.Volume) {
+	d.rec.Lock()
+	defer d.rec.Unlock()
+	if d.rec.ids == nil {
+		d.rec.ids = map[string]bool{}
+	}
+	for _, v := range vs {
+		d.rec.ids[v.ID] = true
+	}
+	d.rec.pending++
+}
+
+func (d *Driver) doneRecovering(id string) {
+	d.rec.Lock()
+	defer d.rec.Unlock()
+	delete(d.rec.ids, id)
+}
+
+// readoptFinished ends the not-ready period of one Readopt.
+func (d *Driver) readoptFinished() {
+	d.rec.Lock()
+	defer d.rec.Unlock()
+	d.rec.pending--
+}
+
+// recovering reports whether id's recovery after a restart is running.
+func (d *Driver) recovering(id string) bool {
+	d.rec.Lock()
+	defer d.rec.Unlock()
+	return d.rec.ids[id]
+}
+
+// readopting reports how many volumes are still recovering, and whether a
+// re-adoption is running at all.
+func (d *Driver) readopting() (int, bool) {
+	d.rec.Lock()
+	defer d.rec.Unlock()
+	return len(d.rec.ids), d.rec.pending > 0
 }
 
 func (d *Driver) readoptOne(ctx context.Context, v nodestate.Volume) error {
 	p, err := params.Parse(v.Params)
 	if err != nil {
+		return err
+	}
+	if err := ctx.Err(); err != nil {
 		return err
 	}
 	if need, err := memoryNeed(v.ID, v.CacheSize); err == nil {
@@ -235,7 +327,6 @@ func (d *Driver) readoptOne(ctx context.Context, v nodestate.Volume) error {
 		v.Staged.Device = dev
 		return d.opts.State.Put(v)
 	}
-	klog.InfoS("Re-adopted staged volume", "volume", v.ID, "device", dev)
 	return nil
 }
 
@@ -243,8 +334,12 @@ func (d *Driver) readoptOne(ctx context.Context, v nodestate.Volume) error {
 // attached for the next plugin process.
 func (d *Driver) Shutdown() error { return d.opts.Runtime.Shutdown() }
 
-// Ready reports whether the pools are usable.
+// Ready reports whether the plugin is ready: re-adoption done and pools
+// usable.
 func (d *Driver) Ready() error {
+	if n, running := d.readopting(); running {
+		return fmt.Errorf("%w: re-adopting staged volumes after a restart (%d still recovering)", errNotReady, n)
+	}
 	if err := d.opts.HDD.Check(); err != nil {
 		return fmt.Errorf("hdd pool: %w", err)
 	}
@@ -253,6 +348,9 @@ func (d *Driver) Ready() error {
 	}
 	return nil
 }
+
+// errNotReady marks a plugin that works but is not ready yet.
+var errNotReady = errors.New("not ready")
 
 func exists(path string) bool {
 	_, err := os.Stat(path)

@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"errors"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
@@ -40,9 +41,13 @@ func (s IdentityServer) GetPluginCapabilities(context.Context, *csi.GetPluginCap
 	}}, nil
 }
 
-// Probe implements csi.IdentityServer: ready only when the pools are usable.
+// Probe implements csi.IdentityServer: not ready (Ready=false) while staged
+// volumes recover after a restart, an error when a pool is unusable.
 func (s IdentityServer) Probe(context.Context, *csi.ProbeRequest) (*csi.ProbeResponse, error) {
-	if err := s.d.Ready(); err != nil {
+	if err := s.d.Ready(); errors.Is(err, errNotReady) {
+		klog.V(2).InfoS("Probe: not ready yet", "reason", err.Error())
+		return &csi.ProbeResponse{Ready: wrapperspb.Bool(false)}, nil
+	} else if err != nil {
 		klog.ErrorS(err, "Probe: not ready")
 		return nil, status.Errorf(codes.FailedPrecondition, "not ready: %v", err)
 	}

@@ -18,6 +18,7 @@ import (
 	"k8s.io/klog/v2"
 	"sigs.k8s.io/yaml"
 
+	"github.com/writeboost-csi/writeboost-csi/pkg/blockdev"
 	"github.com/writeboost-csi/writeboost-csi/pkg/engine"
 	"github.com/writeboost-csi/writeboost-csi/pkg/membudget"
 	"github.com/writeboost-csi/writeboost-csi/pkg/metrics"
@@ -87,6 +88,9 @@ type Config struct {
 	Version        string
 	// RelayCommand runs the NBD relay of the fallback attach path.
 	RelayCommand []string
+	// CacheReadDelay slows every read of every cache device (a test
+	// harness for slow recoveries; hidden flag).
+	CacheReadDelay time.Duration
 }
 
 // Build makes the driver from cfg: pools, node state and runtime.
@@ -146,9 +150,24 @@ func Build(cfg Config) (*Driver, error) {
 	klog.InfoS("Memory budget", "bytes", limit, "budget", membudget.Bytes(limit), "from", from)
 	rt := &volume.Manager{RunDir: cfg.RunDir, AttachStateDir: filepath.Join(cfg.StateDir, "attach"),
 		RelayCommand: cfg.RelayCommand}
+	if d := cfg.CacheReadDelay; d > 0 {
+		klog.InfoS("Every cache read is delayed (--debug-cache-read-delay)", "delay", d)
+		rt.WrapCache = func(dev blockdev.Device) blockdev.Device { return slowReads{dev, d} }
+	}
 	return New(Options{NodeID: cfg.NodeID, Version: cfg.Version, HDD: hdd, NVMe: nvme, State: st, Runtime: rt,
 		MaxVolumes: maxVol, DefaultCacheFraction: fc.DefaultCacheFraction, MinCacheSize: minCache,
 		Budget: membudget.New(limit)})
+}
+
+// slowReads delays every read of a device (CacheReadDelay).
+type slowReads struct {
+	blockdev.Device
+	delay time.Duration
+}
+
+func (s slowReads) ReadAt(p []byte, off int64) (int, error) {
+	time.Sleep(s.delay)
+	return s.Device.ReadAt(p, off)
 }
 
 // parseEndpoint accepts unix:///path, unix:/path, a bare path, or
@@ -186,11 +205,12 @@ func (d *Driver) Serve(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
-	if err := d.Readopt(ctx); err != nil {
-		// Volumes that could not come back report an abnormal condition;
-		// the others are served.
-		klog.ErrorS(err, "Some staged volumes were not re-adopted")
-	}
+	// Listen at once, re-adopt in the background: a plugin that only
+	// listened after every recovery would fail its probes (and its
+	// registration) for as long as the slowest recovery takes, and be
+	// killed mid-recovery again and again. Until re-adoption ends, Probe
+	// reports not ready and calls on recovering volumes get Unavailable.
+	staged := d.beginReadopt()
 	d.startPools()
 	defer d.closePools()
 	if network == "unix" {
@@ -240,6 +260,15 @@ func (d *Driver) Serve(ctx context.Context, cfg Config) error {
 		"endpoint", cfg.Endpoint, "hdd", d.opts.HDD.String(), "nvme", d.opts.NVMe.String(), "metrics", cfg.MetricsAddress)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(l) }()
+	readopted := make(chan struct{})
+	go func() {
+		defer close(readopted)
+		if err := d.finishReadopt(ctx, staged); err != nil {
+			// Volumes that could not come back report an abnormal
+			// condition; kubelet's next NodeStageVolume tries again.
+			klog.ErrorS(err, "Some staged volumes were not re-adopted")
+		}
+	}()
 	select {
 	case <-ctx.Done():
 		klog.InfoS("Stopping: finishing calls, flushing every volume")
@@ -258,6 +287,8 @@ func (d *Driver) Serve(ctx context.Context, cfg Config) error {
 		_ = h.Shutdown(sctx)
 		cancel()
 	}
+	// ctx has ended: recoveries still running stop at their next step.
+	<-readopted
 	if serr := d.Shutdown(); serr != nil {
 		return errors.Join(err, fmt.Errorf("shutdown: %w", serr))
 	}

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strconv"
@@ -198,6 +199,11 @@ type Options struct {
 	Clock Clock
 	// Name labels logs (a volume id).
 	Name string
+	// Context bounds Open's long parts (reading the log, re-applying
+	// discards, a write-around drain); nil is context.Background(). An
+	// open abandoned part-way leaves the cache as a crash would, which
+	// recovery is built for.
+	Context context.Context
 }
 
 // DrainProgress reports how far a Drain has come.

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"math/bits"
@@ -188,7 +189,11 @@ func Open(opts Options) (*Engine, error) {
 	if err := e.setupBuffers(opts, nbuf); err != nil {
 		return nil, err
 	}
-	if err := e.recover(); err != nil {
+	ctx := opts.Context
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	if err := e.recover(ctx); err != nil {
 		if e.ownMem {
 			e.mem.Close()
 		}
@@ -200,6 +205,9 @@ func Open(opts Options) (*Engine, error) {
 		// stale cached copy can shadow a write-around write.
 		klog.InfoS("write-around mode: writing back dirty blocks first", "volume", e.name, "dirtyBlocks", e.mu.nrDirty)
 		for e.mu.nrDirty > 0 {
+			if err := ctx.Err(); err != nil {
+				return nil, fmt.Errorf("engine: open: %w", err)
+			}
 			if _, err := e.writebackOnce(32, true); err != nil {
 				return nil, err
 			}

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"context"
 	"crypto/rand"
 	"errors"
 	"fmt"
@@ -140,7 +141,7 @@ func (e *Engine) writeSuperblock(sb layout.Superblock) error {
 // when copy 0 is not a full segment); after a clean shutdown the log ends
 // exactly there, so an open reads about (segments in use) x 4 KiB, not the
 // whole device.
-func (e *Engine) recover() error {
+func (e *Engine) recover(ctx context.Context) error {
 	two := make([]byte, 2*blockSize)
 	if _, err := e.cache.ReadAt(two, layout.CheckpointOffsets[0]); err != nil {
 		return fmt.Errorf("%w: read checkpoint: %v", ErrIO, err)
@@ -166,6 +167,9 @@ func (e *Engine) recover() error {
 	for n := uint64(0); n < e.nseg; n++ {
 		if ck.Clean && id > ck.LastFlushedID {
 			break
+		}
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("engine: recovery: %w", err)
 		}
 		r, ok, err := e.readSegmentHeader(id, ck, prevEpoch)
 		if err != nil {
@@ -255,6 +259,9 @@ func (e *Engine) recover() error {
 	// Re-apply discards still in the log: the backing device may have
 	// lost (or never got) their zeroing. Newer copies are in the cache.
 	for _, d := range discards {
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("engine: recovery: %w", err)
+		}
 		if err := e.backing.Zero(int64(d[0])*blockSize, int64(d[1])*blockSize); err != nil {
 			return fmt.Errorf("%w: re-apply discard on the backing device: %v", ErrIO, err)
 		}

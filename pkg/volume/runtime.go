@@ -106,8 +106,9 @@ type Config struct {
 	// IO is the device open policy.
 	IO IOMode
 	// WrapBacking, when set, wraps the opened backing device (serve
-	// --simulate-hdd puts the HDD model there).
-	WrapBacking func(blockdev.Device) blockdev.Device
+	// --simulate-hdd puts the HDD model there); WrapCache the cache
+	// device (tests: a slow one).
+	WrapBacking, WrapCache func(blockdev.Device) blockdev.Device
 
 	// Engine options (see engine.Options).
 	Format, Reformat, AllowBackingGrowth bool
@@ -201,10 +202,14 @@ func openDevices(cfg Config) (lock *os.File, cache, backing blockdev.Device, err
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	c, err := openPolicy(cfg.CachePath, cfg.IO)
+	cf, err := openPolicy(cfg.CachePath, cfg.IO)
 	if err != nil {
 		lock.Close()
 		return nil, nil, nil, fmt.Errorf("open cache %s: %w", cfg.CachePath, err)
+	}
+	var c blockdev.Device = cf
+	if cfg.WrapCache != nil {
+		c = cfg.WrapCache(cf)
 	}
 	b, err := openPolicy(cfg.BackingPath, cfg.IO)
 	if err != nil {
@@ -232,10 +237,11 @@ func openPolicy(path string, m IOMode) (*blockdev.File, error) {
 	return f, err
 }
 
-func (v *Volume) engineOptions(format, reformat bool) engine.Options {
+func (v *Volume) engineOptions(ctx context.Context, format, reformat bool) engine.Options {
 	c := v.cfg
 	return engine.Options{
-		Cache: v.mu.devs[0], Backing: v.mu.devs[1],
+		Context: ctx,
+		Cache:   v.mu.devs[0], Backing: v.mu.devs[1],
 		Format: format, Reformat: reformat, AllowBackingGrowth: c.AllowBackingGrowth,
 		SegmentSize: c.SegmentSize, RAMBuffers: c.RAMBuffers, BufferPath: c.BufferPath,
 		Tunables: c.Tunables, Name: c.ID,
@@ -252,7 +258,7 @@ func (v *Volume) openEngineLocked(ctx context.Context, format, reformat bool) er
 	}
 	v.mu.lock, v.mu.devs = lock, []blockdev.Device{cache, backing}
 	start := time.Now()
-	eng, err := engine.Open(v.engineOptions(format, reformat))
+	eng, err := engine.Open(v.engineOptions(ctx, format, reformat))
 	if err != nil {
 		return fmt.Errorf("open cache engine: %w", err)
 	}

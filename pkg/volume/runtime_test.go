@@ -330,3 +330,61 @@ func TestDirectFallsBackWhereRefused(t *testing.T) {
 	}
 	f.Close()
 }
+
+// slowDev delays every read, as a slow or overloaded cache device would.
+type slowDev struct {
+	blockdev.Device
+	d time.Duration
+}
+
+func (s slowDev) ReadAt(p []byte, off int64) (int, error) {
+	time.Sleep(s.d)
+	return s.Device.ReadAt(p, off)
+}
+
+// Start's context reaches the engine's recovery: a deadline stops a slow
+// recovery part-way, as a crash would, and a later start recovers.
+func TestStartContextBoundsRecovery(t *testing.T) {
+	m := newMemVolume(t)
+	m.cfg.Attacher = nil
+	ctx := context.Background()
+	v, err := Start(ctx, m.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Fill a good part of the log and take the cache as a crash would
+	// leave it.
+	data := bytes.Repeat([]byte{7}, 64<<10)
+	for off := int64(0); off < 4<<20; off += int64(len(data)) {
+		if _, err := v.Engine().WriteAt(data, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := v.Engine().Flush(); err != nil {
+		t.Fatal(err)
+	}
+	crashed := m.cacheMem.CrashImage(blockdev.CrashKeepAll, nil)
+	if err := v.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	m.cfg.Cache = slowDev{crashed, 20 * time.Millisecond}
+	m.cfg.BufferPath = ""
+	m.cfg.Socket = m.cfg.Socket + "2"
+	m.cfg.Control = ""
+	short, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel()
+	if _, err := Start(short, m.cfg); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("start past its deadline: %v", err)
+	}
+	v, err = Start(ctx, m.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(data))
+	if _, err := v.Engine().ReadAt(got, 1<<20); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read after the abandoned recovery: %v", err)
+	}
+	if err := v.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -61,6 +61,8 @@ type Manager struct {
 	// Devices, when set, supplies a volume's devices instead of opening
 	// its paths (tests: in-memory devices with injected faults).
 	Devices func(s Spec) (cache, backing blockdev.Device, err error)
+	// WrapCache wraps each opened cache device (tests: a slow device).
+	WrapCache func(blockdev.Device) blockdev.Device
 
 	mu   sync.Mutex
 	vols map[string]*Volume
@@ -91,6 +93,7 @@ func (m *Manager) config(s Spec) Config {
 		Socket:             m.SocketPath(s.ID),
 		Control:            m.ControlPath(s.ID),
 		Attacher:           att,
+		WrapCache:          m.WrapCache,
 		AttachOptions: attach.Options{VolumeID: s.ID, StateDir: m.AttachStateDir,
 			RelayCommand: m.RelayCommand, PreferMethod: m.PreferMethod},
 	}

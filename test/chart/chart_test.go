@@ -713,7 +713,14 @@ func checkDaemonSet(t *testing.T, o *objects, ds *appsv1.DaemonSet, e expect, g 
 	if lpArgs["csi-address"] != "/csi/csi.sock" || healthPort == 0 || !hasPort(p, "healthz", healthPort) {
 		t.Errorf("livenessprobe args %q vs plugin ports %+v", lp.Args, p.Ports)
 	}
-	for what, pr := range map[string]*corev1.Probe{"liveness": p.LivenessProbe, "readiness": p.ReadinessProbe} {
+	// A restarted plugin is not ready while its volumes recover: the
+	// startupProbe must hold the liveness probe off for longer than the
+	// liveness probe's own budget, so recovery is never killed half-way.
+	if sp, lp := p.StartupProbe, p.LivenessProbe; sp == nil || lp == nil ||
+		sp.PeriodSeconds*sp.FailureThreshold < 10*(lp.InitialDelaySeconds+lp.PeriodSeconds*lp.FailureThreshold) {
+		t.Errorf("startup probe %+v does not cover a slow recovery (liveness %+v)", sp, lp)
+	}
+	for what, pr := range map[string]*corev1.Probe{"liveness": p.LivenessProbe, "readiness": p.ReadinessProbe, "startup": p.StartupProbe} {
 		if pr == nil || pr.HTTPGet == nil || pr.HTTPGet.Path != "/healthz" || pr.HTTPGet.Port.StrVal != "healthz" {
 			t.Errorf("plugin %s probe is not /healthz on port healthz: %+v", what, pr)
 		}

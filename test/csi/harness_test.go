@@ -112,7 +112,36 @@ func (e *env) mkfs(dir string, size int64) {
 	}
 }
 
+// start runs the plugin and waits until it listens and its Probe reports
+// ready (a restarted plugin re-adopts its staged volumes in the
+// background, not ready until they are back).
 func (e *env) start() {
+	e.t.Helper()
+	e.launch()
+	e.waitReady(2 * time.Minute)
+}
+
+// waitReady polls Probe until it reports ready and returns how long that
+// took.
+func (e *env) waitReady(limit time.Duration) time.Duration {
+	e.t.Helper()
+	begin := time.Now()
+	for {
+		c, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		r, err := csi.NewIdentityClient(e.conn).Probe(c, &csi.ProbeRequest{})
+		cancel()
+		if err == nil && r.GetReady().GetValue() {
+			return time.Since(begin)
+		}
+		if time.Since(begin) > limit {
+			e.t.Fatalf("plugin not ready after %s (last probe: %v %v); log:\n%s", limit, r, err, e.log())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// launch runs the plugin and waits until it listens.
+func (e *env) launch() {
 	e.t.Helper()
 	args := append([]string{"csi", "--endpoint", "unix://" + e.socket, "--node-id", "node-1",
 		"--hdd-pool", e.hdd, "--nvme-pool", e.nvme, "--state-dir", e.state, "--run-dir", e.run, "-v=2"}, e.extra...)
