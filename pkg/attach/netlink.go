@@ -45,11 +45,10 @@ const (
 	nbdDeviceIndex     = 1 // u32
 	nbdDeviceConnected = 2 // u8
 
-	// NBD_CFLAG_DESTROY_ON_DISCONNECT and NBD_CFLAG_DISCONNECT_ON_CLOSE.
-	// Neither is used: the device must outlive the attaching process (the
+	// NBD_ATTR_CLIENT_FLAGS stays unset: neither
+	// NBD_CFLAG_DESTROY_ON_DISCONNECT (1<<0) nor NBD_CFLAG_DISCONNECT_ON_CLOSE
+	// (1<<1), since the device must outlive the attaching process (the
 	// point of netlink over ioctl), and stay until explicitly disconnected.
-	nbdCflagDestroyOnDisconnect = 1 << 0
-	nbdCflagDisconnectOnClose   = 1 << 1
 )
 
 // connectRequest is everything CONNECT and RECONFIGURE carry.
@@ -282,29 +281,6 @@ func (c *nlClient) disconnect(index int) error {
 		return fmt.Errorf("nbd netlink DISCONNECT nbd%d: %w", index, err)
 	}
 	return nil
-}
-
-func (c *nlClient) status(index int) ([]deviceStatus, error) {
-	var attrs []byte
-	if index >= 0 {
-		var err error
-		if attrs, err = encodeIndexAttrs(index); err != nil {
-			return nil, err
-		}
-	}
-	msgs, err := c.do(nbdCmdStatus, attrs, netlink.Request)
-	if err != nil {
-		return nil, fmt.Errorf("nbd netlink STATUS: %w", err)
-	}
-	var out []deviceStatus
-	for _, m := range msgs {
-		d, err := decodeStatus(m.Data)
-		if err != nil {
-			return nil, fmt.Errorf("nbd netlink STATUS reply: %w", err)
-		}
-		out = append(out, d...)
-	}
-	return out, nil
 }
 
 // linkDeadGroup returns the multicast group id on which the kernel announces

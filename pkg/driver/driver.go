@@ -33,7 +33,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"sync"
 	"time"
 
@@ -351,8 +350,3 @@ func (d *Driver) Ready() error {
 
 // errNotReady marks a plugin that works but is not ready yet.
 var errNotReady = errors.New("not ready")
-
-func exists(path string) bool {
-	_, err := os.Stat(path)
-	return err == nil
-}

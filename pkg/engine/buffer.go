@@ -3,6 +3,7 @@ package engine
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 	"sync/atomic"
@@ -92,13 +93,22 @@ func OpenBufferFile(path string, size int) (BufferMemory, error) {
 	}
 	if st.Size() != int64(size) {
 		// A file of another size belongs to another geometry: start afresh.
-		if err := f.Truncate(0); err == nil {
+		err := f.Truncate(0)
+		if err == nil {
 			err = f.Truncate(int64(size))
 		}
 		if err != nil {
 			f.Close()
 			return nil, fmt.Errorf("size buffer file %s: %w", path, err)
 		}
+	}
+	// Truncate only sets the size: on a full tmpfs the first store to a
+	// page that cannot be allocated is a SIGBUS, which kills every volume
+	// of the process. Allocating every page now turns that into an error
+	// here. Data already in the file is kept (mode 0).
+	if err := unix.Fallocate(int(f.Fd()), 0, 0, int64(size)); err != nil && !errors.Is(err, unix.EOPNOTSUPP) {
+		f.Close()
+		return nil, fmt.Errorf("allocate %d bytes for buffer file %s: %w", size, path, err)
 	}
 	b, err := unix.Mmap(int(f.Fd()), 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 	if err != nil {

@@ -90,3 +90,13 @@ func TestFormatRefusesUnaddressable(t *testing.T) {
 		t.Fatalf("1 TiB cache: index %d bytes, %v (want about 13 bytes per 4 KiB block)", m.Index, err)
 	}
 }
+
+// TestOpenRefusesUnaddressableBacking: backing block numbers live in 48
+// bits of the index; a larger backing device is refused, not wrapped.
+func TestOpenRefusesUnaddressableBacking(t *testing.T) {
+	huge := blockdev.NewMem((maxBackingBlock+2)*blockSize, nil)
+	_, err := Open(Options{Cache: blockdev.NewMem(testCacheSize(16), nil), Backing: huge, Format: true, SegmentSize: testSegSize, RAMBuffers: 2})
+	if !errors.Is(err, ErrUnaddressable) {
+		t.Fatalf("backing of 2^48+1 blocks: %v, want ErrUnaddressable", err)
+	}
+}

@@ -41,6 +41,9 @@ func (e *Engine) openSuperblock(opts Options) error {
 		return fmt.Errorf("%w: the cache was made for a %d-byte cache device, this one has %d bytes", ErrCorrupt, sb.CacheSize, e.cache.Size())
 	}
 	bsize := e.backing.Size()
+	if bsize/blockSize > maxBackingBlock+1 {
+		return fmt.Errorf("%w: a backing device of %d bytes has more blocks than the index addresses (%d)", ErrUnaddressable, bsize, uint64(maxBackingBlock+1))
+	}
 	switch {
 	case bsize == int64(sb.BackingSize):
 	case bsize > int64(sb.BackingSize) && opts.AllowBackingGrowth:

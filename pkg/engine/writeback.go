@@ -651,11 +651,15 @@ func (e *Engine) writeAround(p []byte, off int64) (int, error) {
 func (e *Engine) zeroAround(from, to int64) error {
 	e.wbMu.RLock()
 	defer e.wbMu.RUnlock()
-	if err := e.backing.Zero(from, to-from); err == nil {
-		err = e.backing.Flush()
-	} else {
+	if err := e.backing.Zero(from, to-from); err != nil {
 		e.noteBackingError()
-		return fmt.Errorf("%w: backing device: %v", ErrIO, err)
+		return fmt.Errorf("%w: zero backing range: %v", ErrIO, err)
+	}
+	// Write-around acknowledges only what is durable on the backing
+	// device: a failed flush fails the request.
+	if err := e.backing.Flush(); err != nil {
+		e.noteBackingError()
+		return fmt.Errorf("%w: flush backing device: %v", ErrIO, err)
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
