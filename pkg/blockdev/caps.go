@@ -24,3 +24,46 @@ func (f *Faulty) ZeroDeallocates() bool { return ZeroDeallocates(f.d) }
 
 // ZeroDeallocates implements ZeroDeallocator by asking the wrapped device.
 func (c *Counting) ZeroDeallocates() bool { return ZeroDeallocates(c.d) }
+
+// Discarder is implemented by devices that can deallocate a range: after
+// Discard the range's contents are unspecified (zeros, old data) until
+// written again, with the durability of a write. The engine calls it only
+// for a thin-provisioned backing device whose pool asks for it; Zero must
+// never be used to free space, since it may not deallocate (a pool that
+// promised space keeps it).
+type Discarder interface {
+	Discard(off, length int64) error
+}
+
+// Discard implements Discarder: Mem drops the range's pages (reads
+// return zeros), with the durability of a write.
+func (m *Mem) Discard(off, length int64) error { return m.Zero(off, length) }
+
+// Discard implements Discarder; it counts as a write. A wrapped device
+// without Discard returns ErrUnsupported.
+func (f *Faulty) Discard(off, length int64) error {
+	if err := f.check(&f.mu.write, "discard"); err != nil {
+		return err
+	}
+	d, ok := f.d.(Discarder)
+	if !ok {
+		return ErrUnsupported
+	}
+	return d.Discard(off, length)
+}
+
+// Discard implements Discarder, counting calls and bytes.
+func (c *Counting) Discard(off, length int64) error {
+	d, ok := c.d.(Discarder)
+	if !ok {
+		return ErrUnsupported
+	}
+	err := d.Discard(off, length)
+	c.discards.Add(1)
+	if err != nil {
+		c.writeErrs.Add(1)
+		return err
+	}
+	c.discardBytes.Add(length)
+	return nil
+}

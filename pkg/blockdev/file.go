@@ -40,10 +40,10 @@ type File struct {
 	// align is the O_DIRECT offset and length alignment, memAlign the
 	// buffer address alignment; both 1 without Direct.
 	align, memAlign int64
-	// noPunch is set once the filesystem refused to punch a hole, and
+	// noZeroRange is set once the filesystem refused ZERO_RANGE, and
 	// noZeroOut once the block device refused BLKZEROOUT; Zero then
 	// writes zeros.
-	noPunch, noZeroOut atomic.Bool
+	noZeroRange, noZeroOut atomic.Bool
 	// rmw serialises read-modify-write of partially covered alignment
 	// blocks (exclusive) against all other writes (shared), so that a
 	// bounce never writes back stale neighbouring sectors.
@@ -277,10 +277,12 @@ func (d *File) Flush() error {
 	return nil
 }
 
-// Zero implements Device. A regular file gets a hole punched (the
-// filesystem guarantees zeros and frees the space); a block device gets
-// BLKZEROOUT (which may unmap). Where neither is supported, zeros are
-// written.
+// Zero implements Device without freeing space, so a volume whose pool
+// promised it (a fallocated file, a thick LV) keeps every block: a regular
+// file gets fallocate(ZERO_RANGE|KEEP_SIZE) (unwritten extents, done in
+// metadata), a block device BLKZEROOUT (which the kernel issues with
+// NOUNMAP: WRITE ZEROES where the device has it, else zeros written by the
+// kernel). Where neither is supported, zeros are written.
 func (d *File) Zero(off, length int64) error {
 	if d.opts.ReadOnly {
 		return fmt.Errorf("blockdev: zero %s: opened read-only: %w", d.path, syscall.EROFS)
@@ -291,7 +293,7 @@ func (d *File) Zero(off, length int64) error {
 	if length == 0 {
 		return nil
 	}
-	done, err := d.deallocate(off, length)
+	done, err := d.zeroInPlace(off, length)
 	if done || err != nil {
 		return err
 	}
@@ -318,54 +320,86 @@ func (d *File) Zero(off, length int64) error {
 	return nil
 }
 
-// deallocate punches a hole (regular file) or issues BLKZEROOUT (block
-// device). It reports done=false, err=nil when the device cannot, so the
-// caller writes zeros.
-func (d *File) deallocate(off, length int64) (done bool, err error) {
+// zeroInPlace zeroes with fallocate(ZERO_RANGE) (regular file) or
+// BLKZEROOUT (block device). It reports done=false, err=nil when the
+// device cannot, so the caller writes zeros.
+func (d *File) zeroInPlace(off, length int64) (done bool, err error) {
 	d.rmw.RLock()
 	defer d.rmw.RUnlock()
-	if !d.blockDev && !d.noPunch.Load() {
+	if !d.blockDev && !d.noZeroRange.Load() {
 		err := d.control(func(fd int) error {
-			return unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+			return unix.Fallocate(fd, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, length)
 		})
 		if err == nil {
 			return true, nil
 		}
 		if !errors.Is(err, syscall.EOPNOTSUPP) && !errors.Is(err, syscall.ENOSYS) {
-			return false, fmt.Errorf("blockdev: punch hole %s [%d, +%d): %w", d.path, off, length, err)
+			return false, fmt.Errorf("blockdev: fallocate(ZERO_RANGE) %s [%d, +%d): %w", d.path, off, length, err)
 		}
-		d.noPunch.Store(true)
-		klog.InfoS("Filesystem cannot punch holes; zeroing by writing zeros", "path", d.path, "err", err)
+		d.noZeroRange.Store(true)
+		klog.InfoS("Filesystem cannot zero a range in place; zeroing by writing zeros", "path", d.path, "err", err)
 	}
 	if d.blockDev && !d.noZeroOut.Load() && off%SectorSize == 0 && length%SectorSize == 0 {
-		rng := [2]uint64{uint64(off), uint64(length)}
-		err := d.control(func(fd int) error {
-			_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.BLKZEROOUT, uintptr(unsafe.Pointer(&rng)))
-			if errno != 0 {
-				return errno
-			}
-			return nil
-		})
-		if err == nil {
+		if err := d.rangeIoctl(unix.BLKZEROOUT, off, length); err == nil {
 			return true, nil
-		}
-		if errors.Is(err, syscall.EIO) {
+		} else if errors.Is(err, syscall.EIO) {
 			return false, fmt.Errorf("blockdev: BLKZEROOUT %s [%d, +%d): %w", d.path, off, length, err)
+		} else {
+			d.noZeroOut.Store(true)
+			klog.InfoS("Block device refused BLKZEROOUT; zeroing by writing zeros", "path", d.path, "err", err)
 		}
-		d.noZeroOut.Store(true)
-		klog.InfoS("Block device refused BLKZEROOUT; zeroing by writing zeros", "path", d.path, "err", err)
 	}
 	return false, nil
 }
 
-// ZeroDeallocates implements ZeroDeallocator: a regular file whose
-// filesystem punches holes, or a block device taking BLKZEROOUT (which
-// the model treats as cheap, as thin and SSD devices do it in metadata).
+func (d *File) rangeIoctl(req uint, off, length int64) error {
+	rng := [2]uint64{uint64(off), uint64(length)}
+	return d.control(func(fd int) error {
+		_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), uintptr(req), uintptr(unsafe.Pointer(&rng)))
+		if errno != 0 {
+			return errno
+		}
+		return nil
+	})
+}
+
+// Discard implements Discarder: it frees the range, a hole punched in a
+// regular file, BLKDISCARD on a block device. Only for thin-provisioned
+// backing devices whose pool asks for it (see Discarder).
+func (d *File) Discard(off, length int64) error {
+	if d.opts.ReadOnly {
+		return fmt.Errorf("blockdev: discard %s: opened read-only: %w", d.path, syscall.EROFS)
+	}
+	if err := d.check("discard", off, length); err != nil {
+		return err
+	}
+	if length == 0 {
+		return nil
+	}
+	d.rmw.RLock()
+	defer d.rmw.RUnlock()
+	if d.blockDev {
+		if err := d.rangeIoctl(unix.BLKDISCARD, off, length); err != nil {
+			return fmt.Errorf("blockdev: BLKDISCARD %s [%d, +%d): %w", d.path, off, length, err)
+		}
+		return nil
+	}
+	if err := d.control(func(fd int) error {
+		return unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+	}); err != nil {
+		return fmt.Errorf("blockdev: punch hole %s [%d, +%d): %w", d.path, off, length, err)
+	}
+	return nil
+}
+
+// ZeroDeallocates implements ZeroDeallocator: Zero is done in metadata
+// (ZERO_RANGE on a regular file, or BLKZEROOUT on a block device, which the
+// model treats as cheap, as thin and SSD devices do it in metadata).
 func (d *File) ZeroDeallocates() bool {
 	if d.blockDev {
 		return !d.noZeroOut.Load()
 	}
-	return !d.noPunch.Load()
+	return !d.noZeroRange.Load()
 }
 
 // Close implements Device; it does not flush.

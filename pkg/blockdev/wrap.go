@@ -117,6 +117,7 @@ type Counting struct {
 	readOps, readBytes             atomic.Int64
 	writeOps, writeBytes           atomic.Int64
 	flushes, zeroes, zeroBytes     atomic.Int64
+	discards, discardBytes         atomic.Int64
 	readErrs, writeErrs, flushErrs atomic.Int64
 }
 
@@ -124,11 +125,12 @@ type Counting struct {
 // call; bytes count what the wrapped device reported transferred (for
 // Zero: the length of successful calls).
 type Counts struct {
-	ReadOps, ReadBytes   int64
-	WriteOps, WriteBytes int64
-	Flushes              int64
-	Zeroes, ZeroBytes    int64
-	// Errors returned, by kind (writes include Zero).
+	ReadOps, ReadBytes     int64
+	WriteOps, WriteBytes   int64
+	Flushes                int64
+	Zeroes, ZeroBytes      int64
+	Discards, DiscardBytes int64
+	// Errors returned, by kind (writes include Zero and Discard).
 	ReadErrors, WriteErrors, FlushErrors int64
 }
 
@@ -142,6 +144,7 @@ func (c *Counting) Snapshot() Counts {
 		WriteOps: c.writeOps.Load(), WriteBytes: c.writeBytes.Load(),
 		Flushes: c.flushes.Load(),
 		Zeroes:  c.zeroes.Load(), ZeroBytes: c.zeroBytes.Load(),
+		Discards: c.discards.Load(), DiscardBytes: c.discardBytes.Load(),
 		ReadErrors: c.readErrs.Load(), WriteErrors: c.writeErrs.Load(), FlushErrors: c.flushErrs.Load(),
 	}
 }
@@ -153,6 +156,7 @@ func (c Counts) Sub(before Counts) Counts {
 		WriteOps: c.WriteOps - before.WriteOps, WriteBytes: c.WriteBytes - before.WriteBytes,
 		Flushes: c.Flushes - before.Flushes,
 		Zeroes:  c.Zeroes - before.Zeroes, ZeroBytes: c.ZeroBytes - before.ZeroBytes,
+		Discards: c.Discards - before.Discards, DiscardBytes: c.DiscardBytes - before.DiscardBytes,
 		ReadErrors: c.ReadErrors - before.ReadErrors, WriteErrors: c.WriteErrors - before.WriteErrors,
 		FlushErrors: c.FlushErrors - before.FlushErrors,
 	}

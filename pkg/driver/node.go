@@ -16,6 +16,7 @@ import (
 
 	"github.com/writeboost-csi/writeboost-csi/pkg/nodestate"
 	"github.com/writeboost-csi/writeboost-csi/pkg/params"
+	"github.com/writeboost-csi/writeboost-csi/pkg/pool"
 	"github.com/writeboost-csi/writeboost-csi/pkg/volume"
 )
 
@@ -231,6 +232,7 @@ func (d *Driver) specFor(v *nodestate.Volume, p *params.Volume) (volume.Spec, er
 		return spec, status.Errorf(codes.NotFound, "volume %s: cache slice: %v", v.ID, err)
 	}
 	spec.BackingPath, spec.CachePath = backing, cache
+	spec.BackingDiscard = pool.PassesDiscards(d.opts.HDD)
 	return spec, nil
 }
 

@@ -193,6 +193,12 @@ type Options struct {
 	// cache was made for (a volume expansion) and records the new size.
 	// A smaller backing device is always refused.
 	AllowBackingGrowth bool
+	// BackingDiscard passes TRIM down to the backing device (which must
+	// implement blockdev.Discarder), freeing its space. Only for a
+	// thin-provisioned backing device whose pool asks for it: a pool that
+	// promised the space (fallocated files, thick LVs) must keep it, and
+	// an HDD gains nothing. Off, TRIM costs the backing device nothing.
+	BackingDiscard bool
 
 	Tunables Tunables
 	// Clock drives timers (intervals, utilisation); nil is the real clock.
@@ -222,7 +228,11 @@ type Status struct {
 	LastFlushedID      uint64 `json:"last_flushed_id"`
 	LastWritebackID    uint64 `json:"last_writeback_id"`
 	NrDirtyCacheBlocks uint64 `json:"nr_dirty_cache_blocks"`
-	NrPartialFlushed   uint64 `json:"nr_partial_flushed"`
+	// PendingZeroBlocks: blocks of WRITE_ZEROES records that read as
+	// zeros but are not zeroed on the backing device yet (writeback owes
+	// them; overlapping records count twice).
+	PendingZeroBlocks uint64 `json:"pending_zero_blocks"`
+	NrPartialFlushed  uint64 `json:"nr_partial_flushed"`
 	// IndexBytes is the RAM the block index holds (fixed at open: one
 	// entry per cache block plus the hash table).
 	IndexBytes uint64 `json:"index_bytes"`

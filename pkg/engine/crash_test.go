@@ -80,6 +80,20 @@ func (m *sectorModel) write(first, n int, id uint64, acked bool) {
 	}
 }
 
+// trimmed is the history entry of a TRIM: from there on the sector may
+// read as any value it ever held (unspecified, but never garbage).
+const trimmed = ^uint64(0)
+
+// trim records a TRIM of sectors [first, first+n): the engine trims the
+// whole 4 KiB blocks inside it.
+func (m *sectorModel) trim(first, n int, acked bool) {
+	lo := (first + sectorsPerBlock - 1) / sectorsPerBlock * sectorsPerBlock
+	hi := (first + n) / sectorsPerBlock * sectorsPerBlock
+	if lo < hi {
+		m.write(lo, hi-lo, trimmed, acked)
+	}
+}
+
 func (m *sectorModel) durable(first, n int) {
 	for s := first; s < first+n; s++ {
 		m.dur[s] = m.acked[s]
@@ -103,6 +117,12 @@ func (m *sectorModel) check(t *testing.T, e *Engine, exact bool, what string) {
 		}
 		ok := false
 		for _, v := range m.hist[s][from:] {
+			if v == trimmed {
+				from = 0 // unspecified: any value the sector ever held
+				break
+			}
+		}
+		for _, v := range m.hist[s][from:] {
 			if v == id {
 				ok = true
 				break
@@ -122,7 +142,9 @@ func (m *sectorModel) rebase(t *testing.T, e *Engine) {
 	}
 	for s := 0; s < nsect; s++ {
 		id, _ := decodeSector(buf[s*512:], s)
-		m.hist[s], m.dur[s], m.acked[s] = []uint64{id}, 0, 0
+		// The history is kept: after a TRIM any older value may show.
+		m.hist[s] = append(m.hist[s], id)
+		m.dur[s], m.acked[s] = len(m.hist[s])-1, len(m.hist[s])-1
 	}
 }
 
@@ -162,11 +184,19 @@ func crashWorkload(e *Engine, m *sectorModel, rng *rand.Rand, ops int, nextID *u
 				return false
 			}
 			m.durable(0, nsect)
-		case op < 17:
+		case op < 16:
 			first := rng.Intn(nsect)
 			n := 1 + rng.Intn(min(256, nsect-first))
 			err := e.WriteZeroes(int64(first)*512, int64(n)*512)
 			m.write(first, n, 0, err == nil)
+			if err != nil {
+				return false
+			}
+		case op < 17:
+			first := rng.Intn(nsect)
+			n := 1 + rng.Intn(min(256, nsect-first))
+			err := e.Trim(int64(first)*512, int64(n)*512)
+			m.trim(first, n, err == nil)
 			if err != nil {
 				return false
 			}

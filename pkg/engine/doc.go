@@ -46,9 +46,13 @@
 //
 // # Discards
 //
-// Trim and WriteZeroes are ordered with the log by a discard record: the
-// range reads as zeros at once and after any crash, and a later write
-// still wins. See discard.go.
+// Trim and WriteZeroes are ordered with the log by a record (layout:
+// trim, zero) and cost the request no backing I/O. After a trim the
+// range is unspecified until written (nothing is owed to the backing
+// device; Options.BackingDiscard passes it down to a thin one). A zero
+// range reads as zeros at once and after any crash; writeback zeroes the
+// backing device later, in place, in sorted runs. A later write wins over
+// both. See discard.go.
 //
 // # What is not kept across an open
 //

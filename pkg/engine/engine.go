@@ -68,11 +68,13 @@ type Engine struct {
 	mem    BufferMemory
 	ownMem bool
 
+	backingDiscard blockdev.Discarder // nil: TRIM is not passed down
+
 	// wbMu keeps writeback batches apart from the foreground's own writes
-	// to the backing device: a discard zeroes it and a write-around writes
-	// it, then both drop index entries; neither may interleave with a
-	// batch writing an older copy of the same blocks back. Writeback
-	// holds it exclusively, write-arounds shared.
+	// to the backing device: a write-around writes it (or zeroes it), a
+	// passed-down trim discards it, then both drop index entries; neither
+	// may interleave with a batch writing an older copy of the same blocks
+	// back. Writeback holds it exclusively, write-arounds shared.
 	wbMu      sync.RWMutex
 	wbScratch []byte
 	// wbScratchBytes is cap(wbScratch), for Status (memory.go).
@@ -95,7 +97,12 @@ type Engine struct {
 		// the slot only once that newer copy is durable (see ckptNeed).
 		supersede []uint64
 		ckptNeed  uint64 // the next checkpoint needs flushedID >= ckptNeed
+		// discards: the pending zero records, position -> length (the
+		// block is in the index's meta); zeroRuns their merged ranges,
+		// rebuilt when zeroStale (discard.go).
 		discards  map[uint32]uint32
+		zeroRuns  []blockRange
+		zeroStale bool
 		bufs      []*buffer
 		cur       *buffer // the buffer being filled, nil if none is open
 
@@ -171,6 +178,13 @@ func Open(opts Options) (*Engine, error) {
 		e.clock = realClock{}
 	}
 	e.backing.clock = e.clock
+	if opts.BackingDiscard {
+		d, ok := opts.Backing.(blockdev.Discarder)
+		if !ok {
+			return nil, errors.New("engine: BackingDiscard asked, but the backing device cannot discard")
+		}
+		e.backingDiscard = d
+	}
 	e.cond.L = &e.mu.Mutex
 	e.mu.tunables = t
 	e.mu.discards = map[uint32]uint32{}
@@ -199,12 +213,12 @@ func Open(opts Options) (*Engine, error) {
 		}
 		return nil, err
 	}
-	if t.WriteAroundMode && e.mu.nrDirty > 0 {
+	if t.WriteAroundMode && e.owedLocked() {
 		// Write-around writes go straight to the backing device; dirty
 		// blocks left by an earlier mode must reach it first so that no
 		// stale cached copy can shadow a write-around write.
 		klog.InfoS("write-around mode: writing back dirty blocks first", "volume", e.name, "dirtyBlocks", e.mu.nrDirty)
-		for e.mu.nrDirty > 0 {
+		for e.owedLocked() {
 			if err := ctx.Err(); err != nil {
 				return nil, fmt.Errorf("engine: open: %w", err)
 			}
@@ -249,6 +263,10 @@ func (e *Engine) setupBuffers(opts Options, nbuf int) error {
 	}
 	return nil
 }
+
+// owedLocked reports whether the backing device is owed anything: dirty
+// blocks, or zero records not yet written back (discard.go).
+func (e *Engine) owedLocked() bool { return e.mu.nrDirty > 0 || len(e.mu.discards) > 0 }
 
 // Size is the size of the cached device in bytes.
 func (e *Engine) Size() int64 { return e.size }
@@ -536,7 +554,7 @@ func (e *Engine) openBufferLocked(id uint64) {
 			e.mu.idx.remove(metaBlock(m), pos)
 		}
 		if metaFlags(m)&flagDiscard != 0 {
-			delete(e.mu.discards, pos)
+			e.removeZeroLocked(pos)
 		}
 		e.mu.idx.meta[pos] = 0
 	}

@@ -79,8 +79,13 @@ func (e *Engine) readOnce(p []byte, off int64) (retry bool, err error) {
 		full := want == 0xff
 		pos, ok := e.mu.idx.lookup(blk)
 		if !ok {
-			backingMask[i] = want
 			e.countRead(false, false, full)
+			if e.zeroPendingLocked(blk) {
+				// A zero record not yet on the backing device.
+				copyIn(i, zeroBlock, want)
+				continue
+			}
+			backingMask[i] = want
 			if full && t.ReadCacheThreshold > 0 {
 				stage = append(stage, blk)
 			}
@@ -89,6 +94,12 @@ func (e *Engine) readOnce(p []byte, off int64) (retry bool, err error) {
 		m := e.mu.idx.meta[pos]
 		have := metaMask(m) & want
 		backingMask[i] = want &^ have
+		if backingMask[i] != 0 && e.zeroPendingLocked(blk) {
+			// A copy newer than a pending zero record: its other
+			// sectors are zeros.
+			copyIn(i, zeroBlock, backingMask[i])
+			backingMask[i] = 0
+		}
 		b, inRAM := e.inRAMLocked(pos)
 		e.countRead(have == want, inRAM, full)
 		if have == 0 {

@@ -61,6 +61,19 @@ func (e *Engine) openSuperblock(opts Options) error {
 	if err := checkAddressable(sb.Geometry()); err != nil {
 		return err
 	}
+	if sb.Version < layout.Version {
+		// Before anything newer than its version is written (a trim
+		// record): a binary that knows only the older version then
+		// refuses the cache instead of misreading its log.
+		up := sb
+		up.Version = layout.Version
+		up.Seq++
+		if err := e.writeSuperblock(up); err != nil {
+			return err
+		}
+		klog.InfoS("cache format upgraded", "volume", e.name, "from", sb.Version, "to", up.Version)
+		sb = up
+	}
 	e.sb = sb
 	e.geo = sb.Geometry()
 	e.uuid = sb.UUID
@@ -162,7 +175,6 @@ func (e *Engine) recover(ctx context.Context) error {
 	e.mu.slotCount = make([]uint16, e.nseg)
 	e.mu.supersede = make([]uint64, e.nseg)
 
-	var discards [][2]uint64
 	var lastSeg readSegment // the last segment of the log
 	var fixes []readSegment // copies to make agree (below)
 	id := ck.LastWritebackID + 1
@@ -181,7 +193,7 @@ func (e *Engine) recover(ctx context.Context) error {
 		if !ok {
 			break
 		}
-		discards = append(discards, e.applySegmentLocked(id, 0, r.h.Metablocks)...)
+		e.applySegmentLocked(id, 0, r.h.Metablocks)
 		prevEpoch = r.h.Epoch
 		lastSeg = r
 		if r.otherDiffers {
@@ -207,7 +219,7 @@ func (e *Engine) recover(ctx context.Context) error {
 	extended := false
 	if lastSeg.h.ID == last && last > 0 {
 		var err error
-		if extended, discards, err = e.extendLastSegment(lastSeg, discards); err != nil {
+		if extended, err = e.extendLastSegment(lastSeg); err != nil {
 			return err
 		}
 	}
@@ -252,28 +264,17 @@ func (e *Engine) recover(ctx context.Context) error {
 		if _, err := e.writeSegment(id, b.seg[:blockSize], b.seg, 0, b.count, 0, 0); err != nil {
 			return fmt.Errorf("%w: replay RAM buffer: %v", ErrIO, err)
 		}
-		discards = append(discards, e.applySegmentLocked(id, 0, metablocks(b.seg[:blockSize], 0, b.count))...)
+		e.applySegmentLocked(id, 0, metablocks(b.seg[:blockSize], 0, b.count))
 		last = id
 		replayed++
 	}
 	if err := e.cache.Flush(); err != nil {
 		return fmt.Errorf("%w: flush cache device: %v", ErrIO, err)
 	}
-	// Re-apply discards still in the log: the backing device may have
-	// lost (or never got) their zeroing. Newer copies are in the cache.
-	for _, d := range discards {
-		if err := ctx.Err(); err != nil {
-			return fmt.Errorf("engine: recovery: %w", err)
-		}
-		if err := e.backing.Zero(int64(d[0])*blockSize, int64(d[1])*blockSize); err != nil {
-			return fmt.Errorf("%w: re-apply discard on the backing device: %v", ErrIO, err)
-		}
-	}
-	if len(discards) > 0 {
-		if err := e.backing.Flush(); err != nil {
-			return fmt.Errorf("%w: flush backing device: %v", ErrIO, err)
-		}
-	}
+	// Zero records still in the log are pending again (applySegmentLocked):
+	// reads of their ranges are zeros, and writeback zeroes the backing
+	// device when it passes them, as before the crash. Nothing is zeroed
+	// here, so an open never waits for an HDD to write zeros.
 	e.mu.nextID = last + 1
 	e.mu.sealedID, e.mu.writtenID, e.mu.flushedID, e.mu.flushReq = last, last, last, last
 	for i := range e.mu.bufs {
@@ -321,11 +322,10 @@ func (e *Engine) buffersToReplay(last uint64) []replayBuf {
 func (e *Engine) ckptLimit() uint64 { return e.mu.wbDoneID + e.nseg }
 
 // applySegmentLocked replays metablocks first, first+1, ... of segment id
-// into the index and returns their discard ranges.
-func (e *Engine) applySegmentLocked(id uint64, first int, mbs []layout.Metablock) [][2]uint64 {
+// into the index.
+func (e *Engine) applySegmentLocked(id uint64, first int, mbs []layout.Metablock) {
 	slot := e.slotOf(id)
 	base := uint32(slot*uint64(e.nd)) + uint32(first)
-	var discards [][2]uint64
 	for i, mb := range mbs {
 		pos := base + uint32(i)
 		switch mb.Kind {
@@ -335,11 +335,13 @@ func (e *Engine) applySegmentLocked(id uint64, first int, mbs []layout.Metablock
 				e.dropLocked(old, 0)
 			}
 			e.mu.nrDirty++
-		case layout.KindDiscard:
+		case layout.KindZero:
 			e.dropRangeLocked(mb.Block, mb.Block+uint64(mb.Length), 0)
 			e.mu.idx.meta[pos] = packMeta(mb.Block, 0, flagDiscard)
-			e.mu.discards[pos] = mb.Length
-			discards = append(discards, [2]uint64{mb.Block, uint64(mb.Length)})
+			e.addZeroLocked(pos, mb.Length)
+		case layout.KindTrim:
+			e.dropRangeLocked(mb.Block, mb.Block+uint64(mb.Length), 0)
+			e.mu.idx.meta[pos] = 0
 		default:
 			// Read-cache copies are not trusted across an open: a write
 			// that bypassed them (write-around) is not in the log.
@@ -348,7 +350,6 @@ func (e *Engine) applySegmentLocked(id uint64, first int, mbs []layout.Metablock
 	}
 	e.mu.slotID[slot] = id
 	e.mu.slotCount[slot] = uint16(first + len(mbs))
-	return discards
 }
 
 // metablocks returns metablocks [from, to) of a header block.
@@ -422,7 +423,7 @@ func (e *Engine) dataCRCMatches(id uint64, h layout.SegmentHeader) (bool, error)
 // (the buffer was open, and its partial writes reached the device). The
 // entries the device has must match the buffer's, which never change once
 // written; otherwise the buffer is not trusted.
-func (e *Engine) extendLastSegment(r readSegment, discards [][2]uint64) (bool, [][2]uint64, error) {
+func (e *Engine) extendLastSegment(r readSegment) (bool, error) {
 	h := r.h
 	for _, b := range e.mu.bufs {
 		id, count, ok := readCtrl(b.ctrl, e.uuid, e.boot)
@@ -434,23 +435,23 @@ func (e *Engine) extendLastSegment(r readSegment, discards [][2]uint64) (bool, [
 			if layout.GetMetablock(ram, i) != mb {
 				klog.ErrorS(nil, "RAM buffer disagrees with the segment on the cache device; not replaying it",
 					"volume", e.name, "segment", id, "entry", i)
-				return false, discards, nil
+				return false, nil
 			}
 		}
 		if h.ComputeDataCRC(b.seg[blockSize:]) != h.DataCRC {
 			klog.ErrorS(nil, "RAM buffer data disagrees with the segment on the cache device; not replaying it",
 				"volume", e.name, "segment", id)
-			return false, discards, nil
+			return false, nil
 		}
 		epoch := e.epoch
 		e.epoch = h.Epoch // the segment's run, as if the flusher had finished
 		_, err := e.writeSegment(id, ram, b.seg, h.Count, count, 1-h.Copy, h.DataCRC)
 		e.epoch = epoch
 		if err != nil {
-			return false, discards, fmt.Errorf("%w: replay RAM buffer: %v", ErrIO, err)
+			return false, fmt.Errorf("%w: replay RAM buffer: %v", ErrIO, err)
 		}
-		discards = append(discards, e.applySegmentLocked(id, h.Count, metablocks(ram, h.Count, count))...)
-		return true, discards, nil
+		e.applySegmentLocked(id, h.Count, metablocks(ram, h.Count, count))
+		return true, nil
 	}
-	return false, discards, nil
+	return false, nil
 }

@@ -33,6 +33,9 @@ func (e *Engine) Status() Status {
 		UUID:                  formatUUID(e.uuid),
 		Tunables:              e.mu.tunables,
 	}
+	for _, n := range e.mu.discards {
+		s.PendingZeroBlocks += uint64(n)
+	}
 	s.FlushLatencySecondsSum = e.mu.flushLatency.Seconds()
 	if cur := e.mu.cur; cur != nil {
 		s.Cursor = e.slotOf(cur.id)*uint64(e.nd) + uint64(cur.count)

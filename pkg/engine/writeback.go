@@ -112,6 +112,10 @@ func (e *Engine) writebackOnce(maxSegs int, checkpoint bool) (bool, error) {
 	var items []wbItem
 	counts := make([]int, 0, to-from+1)
 	var needID uint64
+	// The batch's zero records, zeroed on the backing device before its
+	// blocks are written (discard.go).
+	var zeros []blockRange
+	var zeroPos []uint32
 	for id := from; id <= to; id++ {
 		slot := e.slotOf(id)
 		// Dirty entries replaced by now are skipped below; their
@@ -125,6 +129,12 @@ func (e *Engine) writebackOnce(maxSegs int, checkpoint bool) (bool, error) {
 			m := e.mu.idx.meta[base+uint32(i)]
 			if metaFlags(m)&(flagValid|flagDirty) == flagValid|flagDirty {
 				items = append(items, wbItem{blk: metaBlock(m), pos: base + uint32(i), mask: metaMask(m)})
+			}
+			if metaFlags(m)&flagDiscard != 0 {
+				if n, ok := e.mu.discards[base+uint32(i)]; ok {
+					zeros = append(zeros, blockRange{metaBlock(m), metaBlock(m) + uint64(n)})
+					zeroPos = append(zeroPos, base+uint32(i))
+				}
 			}
 		}
 	}
@@ -181,6 +191,9 @@ func (e *Engine) writebackOnce(maxSegs int, checkpoint bool) (bool, error) {
 	e.mu.Lock()
 	items = e.fillGapsLocked(items, from-1)
 	e.mu.Unlock()
+	if err := e.zeroRuns(mergeRanges(nil, zeros)); err != nil {
+		return true, e.wbFail(err)
+	}
 	if err := e.writeItems(items); err != nil {
 		return true, e.wbFail(err)
 	}
@@ -200,6 +213,12 @@ func (e *Engine) writebackOnce(maxSegs int, checkpoint bool) (bool, error) {
 			e.mu.nrDirty--
 		}
 		written += uint64(blockSize)
+	}
+	for _, pos := range zeroPos {
+		// Zeroed and flushed: reads may go to the backing device. The
+		// record stays in the log until the checkpoint passes it.
+		e.mu.idx.meta[pos] &^= uint64(flagDiscard) << metaFlagShift
+		e.removeZeroLocked(pos)
 	}
 	e.mu.wbDoneID = to
 	// The pace is set by ring space reclaimed, the resource the
@@ -436,7 +455,9 @@ func (e *Engine) fillCopyLocked(blk, wbDone uint64) (it wbItem, dirty, ok bool) 
 		return wbItem{}, false, false
 	}
 	m := e.mu.idx.meta[pos]
-	if metaFlags(m)&flagValid == 0 || metaMask(m) != 0xff {
+	if metaFlags(m)&flagValid == 0 || metaMask(m) != 0xff || e.zeroPendingLocked(blk) {
+		// (A pending zero must reach the backing device before any
+		// copy of its range does: discard.go.)
 		return wbItem{}, false, false
 	}
 	dirty = metaFlags(m)&flagDirty != 0
@@ -598,6 +619,7 @@ func (e *Engine) Drain(ctx context.Context, progress func(DrainProgress)) error 
 		}
 		e.cond.Broadcast()
 		dirty := e.mu.nrDirty
+		owed := e.owedLocked()
 		err := e.mu.err
 		if err == nil && e.mu.closed {
 			err = ErrClosed
@@ -609,7 +631,7 @@ func (e *Engine) Drain(ctx context.Context, progress func(DrainProgress)) error 
 		if err != nil {
 			return err
 		}
-		if dirty == 0 {
+		if !owed {
 			return nil
 		}
 		select {

@@ -179,7 +179,7 @@ func (e *editor) apply() {
 				count++
 			}
 			m := layout.Metablock{Kind: layout.Kind(e.byte() % 4), Block: e.u64() % (sb.BackingSize / layout.BlockSize * 2), Mask: e.byte()}
-			if m.Kind == layout.KindDiscard {
+			if m.Kind == layout.KindZero {
 				m.Mask, m.Length = 0, e.u32()|1
 			} else if m.Kind.HasData() && m.Mask == 0 {
 				m.Mask = 0xFF

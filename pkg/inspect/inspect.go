@@ -199,7 +199,7 @@ func Check(r io.ReaderAt, size int64, o Options) (*Report, error) {
 			case layout.KindData:
 				s.DataBlocks++
 				dirty[mb.Block] = struct{}{}
-			case layout.KindDiscard:
+			case layout.KindZero, layout.KindTrim:
 				s.Discards++
 				end := mb.Block + uint64(mb.Length) // layout refuses overflow
 				if uint64(mb.Length) <= uint64(len(dirty)) {
@@ -349,7 +349,7 @@ func Segment(r io.ReaderAt, sb layout.Superblock, id uint64) (SegmentReport, err
 		switch mb.Kind {
 		case layout.KindData:
 			s.DataBlocks++
-		case layout.KindDiscard:
+		case layout.KindZero, layout.KindTrim:
 			s.Discards++
 		}
 		s.Metablocks = append(s.Metablocks, metablockReport(i, mb))

@@ -159,7 +159,7 @@
 //	| 8   | 1    | sector mask: bit i set = 512-byte sector i of the block is valid in this copy |
 //	| 9   | 1    | kind, below                                            |
 //	| 10  | 2    | reserved, zero                                         |
-//	| 12  | 4    | length in blocks (discard: >= 1; others: 0)            |
+//	| 12  | 4    | length in blocks (zero, trim: >= 1; others: 0)         |
 //
 // Kinds:
 //
@@ -167,5 +167,31 @@
 //	|------|---------|----------------------------------------------------------|---------|------------|
 //	| 1    | data    | dirty sectors of the block, per mask                     | != 0    | yes        |
 //	| 2    | clean   | read-cache copy of the whole block, equal to the backing | 0xFF    | yes        |
-//	| 3    | discard | blocks [block, block+length) read as zeros from here on  | 0       | no (unused) |
+//	| 3    | zero    | blocks [block, block+length) read as zeros from here on  | 0       | no (unused) |
+//	| 4    | trim    | blocks [block, block+length) unspecified from here on (v2) | 0     | no (unused) |
+//
+// A zero or trim record kills every copy of its blocks in earlier
+// segments (and earlier entries of its own segment); later copies win.
+// Recovery replays the records in log order, so the contents after a
+// crash are those of a prefix of the log, as for data.
+//
+// Zero (WRITE_ZEROES) must read back as zeros, after any crash too, but
+// costs the request nothing: the record itself makes the range read as
+// zeros. The backing device is zeroed later, by the writeback of the
+// record's segment, in sorted runs, without deallocating (a pool that
+// promised space keeps it), and flushed before a checkpoint passes the
+// segment: until then recovery finds the record again and writeback zeroes
+// the range again. Copies of the range in later segments are written back
+// after the zeroing, so they win on the backing device too.
+//
+// Trim (TRIM) makes the contents unspecified until written again (the NBD
+// and the kernel's contract for discard). The record only keeps crash
+// recovery from resurrecting copies older than the trim, so that what a
+// volume reads after a crash is what it read before; the backing device
+// owes nothing. The engine may pass the discard down to a thin-provisioned
+// backing device where its pool asks for it.
+//
+// Version 1 had no trim record; its kind 3 was written for both requests
+// (the backing device zeroed before the record), which the version 2
+// semantics of kind 3 read correctly.
 package layout

@@ -18,8 +18,13 @@ const (
 // number and the old ones stay readable until MinVersion is raised past
 // them. A cache written by a version above Version is refused, never
 // guessed at.
+//
+// Version 2 added the trim metablock (kind 4). A version 1 cache is
+// upgraded (its superblock rewritten as version 2) when it is opened, before
+// any segment is written, so a binary that knows only version 1 refuses it
+// instead of ending the log at the first trim record it cannot read.
 const (
-	Version    = 1 // written by this code
+	Version    = 2 // written by this code
 	MinVersion = 1 // oldest version this code reads
 )
 

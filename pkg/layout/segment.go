@@ -32,9 +32,16 @@ const (
 	KindData Kind = 1
 	// KindClean: a read-cache copy of a whole backing block (Mask 0xFF).
 	KindClean Kind = 2
-	// KindDiscard: backing blocks [Block, Block+Length) read as zeros
-	// from here on. No data block, Mask 0, Length >= 1.
-	KindDiscard Kind = 3
+	// KindZero (WRITE_ZEROES): backing blocks [Block, Block+Length)
+	// read as zeros from here on; copies in earlier segments are dead,
+	// and the backing device is zeroed by writeback before a checkpoint
+	// passes the segment. No data block, Mask 0, Length >= 1.
+	KindZero Kind = 3
+	// KindTrim (TRIM, format version 2): the contents of backing blocks
+	// [Block, Block+Length) are unspecified from here on; copies in
+	// earlier segments are dead, and nothing is owed to the backing
+	// device. No data block, Mask 0, Length >= 1.
+	KindTrim Kind = 4
 )
 
 // HasData reports whether the metablock's data block holds data (and is
@@ -47,8 +54,10 @@ func (k Kind) String() string {
 		return "data"
 	case KindClean:
 		return "clean"
-	case KindDiscard:
-		return "discard"
+	case KindZero:
+		return "zero"
+	case KindTrim:
+		return "trim"
 	}
 	return fmt.Sprintf("kind(%d)", uint8(k))
 }
@@ -58,7 +67,7 @@ type Metablock struct {
 	Block  uint64 // backing block number, in BlockSize units
 	Mask   uint8  // bit i: sector i of the block is valid in this copy
 	Kind   Kind
-	Length uint32 // KindDiscard: number of blocks; otherwise 0
+	Length uint32 // KindZero, KindTrim: number of blocks; otherwise 0
 }
 
 func (m Metablock) validate() error {
@@ -71,9 +80,9 @@ func (m Metablock) validate() error {
 		if m.Mask != 0xFF || m.Length != 0 {
 			return fmt.Errorf("clean metablock for block %d: mask %#02x, length %d (want mask 0xff, length 0)", m.Block, m.Mask, m.Length)
 		}
-	case KindDiscard:
+	case KindZero, KindTrim:
 		if m.Mask != 0 || m.Length == 0 || m.Block > math.MaxUint64-uint64(m.Length) {
-			return fmt.Errorf("discard metablock for blocks [%d,+%d): mask %#02x (want mask 0, length >= 1, no overflow)", m.Block, m.Length, m.Mask)
+			return fmt.Errorf("%v metablock for blocks [%d,+%d): mask %#02x (want mask 0, length >= 1, no overflow)", m.Kind, m.Block, m.Length, m.Mask)
 		}
 	default:
 		return fmt.Errorf("metablock for block %d: unknown %v", m.Block, m.Kind)

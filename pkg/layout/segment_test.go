@@ -53,9 +53,10 @@ func testSegment(id uint64, mbs []Metablock, dataBlocks int) (seg []byte, dataCR
 var testMetablocks = []Metablock{
 	{Block: 5, Mask: 0xFF, Kind: KindData},
 	{Block: 1<<40 + 3, Mask: 0x01, Kind: KindData},
-	{Block: 0, Length: 1, Kind: KindDiscard},
+	{Block: 0, Length: 1, Kind: KindZero},
 	{Block: 77, Mask: 0xFF, Kind: KindClean},
-	{Block: math.MaxUint64 - 10, Length: 10, Kind: KindDiscard},
+	{Block: math.MaxUint64 - 10, Length: 10, Kind: KindZero},
+	{Block: 7, Length: 1 << 20, Kind: KindTrim},
 	{Block: math.MaxUint64, Mask: 0x80, Kind: KindData},
 }
 
@@ -112,7 +113,7 @@ func TestSegmentRoundTrip(t *testing.T) {
 func TestSegmentHeaderOffsets(t *testing.T) {
 	hdr := make([]byte, BlockSize)
 	PutMetablock(hdr, 0, Metablock{Block: 0x0102030405060708, Mask: 0x0f, Kind: KindData})
-	PutMetablock(hdr, 1, Metablock{Block: 0x99, Kind: KindDiscard, Length: 0x11223344})
+	PutMetablock(hdr, 1, Metablock{Block: 0x99, Kind: KindZero, Length: 0x11223344})
 	SealSegmentHeader(hdr, 0xA1A2A3A4A5A6A7A8, 0xB1B2B3B4, 0xC1C2C3C4, 2, 0xD1D2D3D4)
 	le := binary.LittleEndian
 	switch {
@@ -173,11 +174,14 @@ func TestDecodeSegmentHeaderErrors(t *testing.T) {
 		{"data with length", setMeta(0, Metablock{Block: 1, Mask: 1, Length: 1, Kind: KindData}), 127, ErrInvalid, "metablock 0"},
 		{"partial clean", setMeta(3, Metablock{Block: 1, Mask: 0x7F, Kind: KindClean}), 127, ErrInvalid, "clean"},
 		{"clean with length", setMeta(3, Metablock{Block: 1, Mask: 0xFF, Length: 2, Kind: KindClean}), 127, ErrInvalid, "clean"},
-		{"discard with mask", setMeta(2, Metablock{Block: 1, Mask: 1, Length: 1, Kind: KindDiscard}), 127, ErrInvalid, "discard"},
-		{"empty discard", setMeta(2, Metablock{Block: 1, Kind: KindDiscard}), 127, ErrInvalid, "discard"},
-		{"discard past 2^64", setMeta(4, Metablock{Block: math.MaxUint64 - 9, Length: 10, Kind: KindDiscard}), 127, ErrInvalid, "overflow"},
+		{"discard with mask", setMeta(2, Metablock{Block: 1, Mask: 1, Length: 1, Kind: KindZero}), 127, ErrInvalid, "zero"},
+		{"empty discard", setMeta(2, Metablock{Block: 1, Kind: KindZero}), 127, ErrInvalid, "zero"},
+		{"discard past 2^64", setMeta(4, Metablock{Block: math.MaxUint64 - 9, Length: 10, Kind: KindZero}), 127, ErrInvalid, "overflow"},
+		{"empty trim", setMeta(2, Metablock{Block: 1, Kind: KindTrim}), 127, ErrInvalid, "trim"},
+		{"trim with mask", setMeta(2, Metablock{Block: 1, Mask: 0xff, Length: 1, Kind: KindTrim}), 127, ErrInvalid, "trim"},
+		{"unknown kind 5", setMeta(2, Metablock{Block: 1, Length: 1, Kind: 5}), 127, ErrInvalid, "kind(5)"},
 		{"kind 0", setMeta(5, Metablock{Block: 1, Mask: 1}), 127, ErrInvalid, "kind(0)"},
-		{"kind 4", setMeta(5, Metablock{Block: 1, Mask: 1, Kind: 4}), 127, ErrInvalid, "kind(4)"},
+		{"kind 5", setMeta(5, Metablock{Block: 1, Mask: 1, Kind: 5}), 127, ErrInvalid, "kind(5)"},
 		{"metablock reserved", func(b []byte) []byte { b[SegmentHeaderSize+10] = 1; resealSeg(b); return b }, 127, ErrInvalid, "reserved"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -214,12 +218,12 @@ func TestMetablockIndexPanics(t *testing.T) {
 }
 
 func TestKind(t *testing.T) {
-	for k, want := range map[Kind]bool{0: false, KindData: true, KindClean: true, KindDiscard: false, 4: false} {
+	for k, want := range map[Kind]bool{0: false, KindData: true, KindClean: true, KindZero: false, KindTrim: false, 5: false} {
 		if k.HasData() != want {
 			t.Errorf("%v.HasData() = %v", k, !want)
 		}
 	}
-	if KindData != 1 || KindClean != 2 || KindDiscard != 3 {
+	if KindData != 1 || KindClean != 2 || KindZero != 3 || KindTrim != 4 {
 		t.Fatal("kind numbers are part of the format")
 	}
 }

@@ -116,7 +116,7 @@ func TestSuperblockOffsets(t *testing.T) {
 		off, size int
 		want      uint64
 	}{
-		{8, 4, 1}, {12, 4, 0}, {32, 8, s.Seq}, {40, 4, 4096}, {44, 4, DefaultSegmentSize},
+		{8, 4, Version}, {12, 4, 0}, {32, 8, s.Seq}, {40, 4, 4096}, {44, 4, DefaultSegmentSize},
 		{48, 8, s.CacheSize}, {56, 8, 10 << 30}, {64, 8, 1 << 20}, {72, 8, 100}, {80, 8, uint64(s.Created)},
 		{4092, 4, uint64(crc(b[:4092]))},
 	} {
@@ -156,7 +156,7 @@ func TestDecodeSuperblockErrors(t *testing.T) {
 		{"bit flip", func(b []byte) []byte { b[50] ^= 4; return b }, ErrChecksum, ""},
 		{"checksum flip", func(b []byte) []byte { b[4093] ^= 1; return b }, ErrChecksum, ""},
 		{"reserved flip", func(b []byte) []byte { b[2000] ^= 1; return b }, ErrChecksum, ""},
-		{"newer version", func(b []byte) []byte { le.PutUint32(b[8:], 2); reseal(b); return b }, ErrNewerVersion, "version 2, written by a newer writeboost"},
+		{"newer version", func(b []byte) []byte { le.PutUint32(b[8:], 3); reseal(b); return b }, ErrNewerVersion, "version 3, written by a newer writeboost"},
 		// A newer version may change any field; the version is reported before them.
 		{"newer version, other fields", func(b []byte) []byte {
 			le.PutUint32(b[8:], 7)

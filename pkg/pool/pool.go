@@ -56,6 +56,20 @@ type Config struct {
 	// when the free space is known to read as zeros (a new group on
 	// blkdiscard'ed SSDs whose discards zero).
 	ZeroFreeSpace *bool `json:"zeroFreeSpace,omitempty"`
+	// Discard (directory pools; default false) declares the pool thin:
+	// a TRIM of a volume is passed down and punches holes in its file,
+	// giving the space back to the filesystem, which then no longer
+	// holds it for the volume (a later write may find the filesystem
+	// full). Off, a volume keeps every block it was created with and TRIM
+	// costs the backing device nothing. LVM pools are thick and refuse it.
+	Discard bool `json:"discard,omitempty"`
+}
+
+// PassesDiscards reports whether p is a thin pool that asks for TRIM to be
+// passed down to its volumes (Config.Discard).
+func PassesDiscards(p Pool) bool {
+	d, ok := p.(*Directory)
+	return ok && d.Discard
 }
 
 // Pool hands out volumes by name.
@@ -89,10 +103,13 @@ func New(c Config) (Pool, error) {
 		if err := os.MkdirAll(c.Path, 0o700); err != nil {
 			return nil, fmt.Errorf("pool: create %s: %w", c.Path, err)
 		}
-		return &Directory{Dir: c.Path}, nil
+		return &Directory{Dir: c.Path, Discard: c.Discard}, nil
 	case KindLVM:
 		if c.VolumeGroup == "" {
 			return nil, errors.New("pool: lvm pool needs a volumeGroup")
+		}
+		if c.Discard {
+			return nil, errors.New("pool: discard is an option of directory pools (lvm pools are thick: a discard would free nothing)")
 		}
 		return &LVM{VG: c.VolumeGroup, ZeroFreeSpace: c.ZeroFreeSpace == nil || *c.ZeroFreeSpace}, nil
 	default:
@@ -101,7 +118,11 @@ func New(c Config) (Pool, error) {
 }
 
 // Directory is a pool of fallocated files in one directory.
-type Directory struct{ Dir string }
+type Directory struct {
+	Dir string
+	// Discard: the pool is thin; TRIM punches holes (Config.Discard).
+	Discard bool
+}
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$`)
 

@@ -178,3 +178,17 @@ func TestZeroRangeDevice(t *testing.T) {
 		t.Logf("%s zeroed by %s", path, method)
 	}
 }
+
+// TestDiscardOption: only a directory pool can be declared thin.
+func TestDiscardOption(t *testing.T) {
+	p, err := New(Config{Kind: KindDirectory, Path: t.TempDir(), Discard: true})
+	if err != nil || !PassesDiscards(p) {
+		t.Fatalf("directory pool with discard: %v, passes discards %v", err, err == nil && PassesDiscards(p))
+	}
+	if p, err := New(Config{Kind: KindDirectory, Path: t.TempDir()}); err != nil || PassesDiscards(p) {
+		t.Fatal("a directory pool passes discards by default")
+	}
+	if _, err := New(Config{Kind: KindLVM, VolumeGroup: "vg", Discard: true}); err == nil {
+		t.Fatal("lvm pool with discard accepted")
+	}
+}

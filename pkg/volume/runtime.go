@@ -112,6 +112,7 @@ type Config struct {
 
 	// Engine options (see engine.Options).
 	Format, Reformat, AllowBackingGrowth bool
+	BackingDiscard                       bool
 	SegmentSize, RAMBuffers              int
 	BufferPath                           string
 	Tunables                             engine.Tunables
@@ -243,7 +244,8 @@ func (v *Volume) engineOptions(ctx context.Context, format, reformat bool) engin
 		Context: ctx,
 		Cache:   v.mu.devs[0], Backing: v.mu.devs[1],
 		Format: format, Reformat: reformat, AllowBackingGrowth: c.AllowBackingGrowth,
-		SegmentSize: c.SegmentSize, RAMBuffers: c.RAMBuffers, BufferPath: c.BufferPath,
+		BackingDiscard: c.BackingDiscard,
+		SegmentSize:    c.SegmentSize, RAMBuffers: c.RAMBuffers, BufferPath: c.BufferPath,
 		Tunables: c.Tunables, Name: c.ID,
 	}
 }

@@ -44,6 +44,9 @@ type Spec struct {
 	BackingPath string // file or block device
 	CachePath   string // file or block device
 	Tunables    engine.Tunables
+	// BackingDiscard passes TRIM down to the backing device: only for a
+	// thin pool that asks for it (pool.PassesDiscards).
+	BackingDiscard bool
 }
 
 // Manager runs the staged volumes of this node, one Volume each.
@@ -88,6 +91,7 @@ func (m *Manager) config(s Spec) Config {
 		Format: true,
 		// ControllerExpandVolume grows the backing while unstaged.
 		AllowBackingGrowth: true,
+		BackingDiscard:     s.BackingDiscard,
 		BufferPath:         m.bufferPath(s.ID),
 		Tunables:           s.Tunables,
 		Socket:             m.SocketPath(s.ID),
