@@ -33,6 +33,10 @@ deps: ## Install system packages and pinned Go tools.
 test: ## Run every test with -race (installs what the tests need).
 	bash hack/test.sh
 
+.PHONY: vm-test
+vm-test: ## The TestKernel* tests in a real Linux kernel under QEMU (root; see hack/vm).
+	bash hack/vm/test.sh
+
 .PHONY: e2e
 e2e: ## The chart on a real single-node Kubernetes built here (root; see hack/e2e).
 	bash hack/e2e/e2e.sh

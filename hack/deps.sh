@@ -21,6 +21,8 @@ APT_PACKAGES=(
 	# make e2e (hack/e2e): a single-node Kubernetes and images without Docker
 	etcd-server containerd runc containernetworking-plugins iptables conntrack openssl
 	mmdebstrap      # the plugin image's Debian root filesystem (the Dockerfile's runtime stage)
+	# make vm-test (hack/vm): a real kernel under QEMU, its initramfs, LVM in it
+	qemu-system-x86 busybox-static lvm2
 )
 
 # make bench-vm (hack/bench-vm.sh): the kernel's own caches in the VM, and

@@ -23,5 +23,7 @@ echo "== go test -race"
 # they do not compete; unit packages run in parallel first.
 go test -race -timeout 30m $(go list ./... | grep -v -e /test/) "$@"
 go test -race -p 1 -timeout 30m ./test/... "$@"
+echo "== vm-test: the TestKernel* tests in a real kernel under QEMU (hack/vm)"
+bash hack/vm/test.sh
 echo "== e2e: the chart on a single-node Kubernetes (hack/e2e)"
 bash hack/e2e/e2e.sh

@@ -18,8 +18,8 @@ import (
 )
 
 // These tests need the kernel nbd driver, which the CI machines lack; they
-// skip there (even in strict mode: no package installs a kernel module) and
-// run wherever /dev/nbd0 exists.
+// skip on the host (even in strict mode: no package installs a kernel
+// module) and run in the real-kernel VM of make vm-test, where a skip fails.
 
 func requireKernelNBD(t *testing.T) {
 	t.Helper()
@@ -102,7 +102,7 @@ func TestKernelKillServerUnderWriteLoad(t *testing.T) {
 	e := newKernelEnv(t, 64<<20)
 	a := kernelAttach(t, e, "vol-kernel-kill")
 	if a.Method != MethodNetlink {
-		t.Skipf("reattach needs the netlink interface; this kernel gave %s", a.Method)
+		testenv.Skipf(t, "reattach needs the netlink interface; this kernel gave %s", a.Method)
 	}
 	const blocks = 1024
 	fd, err := unix.Open(a.Device, unix.O_RDWR|unix.O_DIRECT, 0)
