@@ -624,6 +624,12 @@ func (e *Engine) Drain(ctx context.Context, progress func(DrainProgress)) error 
 		if err == nil && e.mu.closed {
 			err = ErrClosed
 		}
+		if err == nil && owed && e.mu.wbErr != nil {
+			// Writeback keeps retrying in the background, but a drain
+			// cannot finish while the backing device fails: say so
+			// rather than wait for a device that may never come back.
+			err = e.mu.wbErr
+		}
 		e.mu.Unlock()
 		if progress != nil {
 			progress(DrainProgress{DirtyBlocks: dirty, InitialDirty: initial, WrittenBlocks: initial - min(initial, dirty)})
