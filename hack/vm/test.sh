@@ -8,13 +8,16 @@
 #
 # Environment: VM_MEM (MiB, default 2048), VM_CPUS (default nproc),
 # VM_RACE=1 (build with -race), VM_RUN (a -test.run regexp, default
-# ^TestKernel), WRITEBOOST_CACHE_DIR.
+# ^TestKernel), VM_PKGS (space-separated packages instead of all),
+# WRITEBOOST_CACHE_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo="$PWD"
 
 # Packages with TestKernel* tests, in run order.
-pkgs=(./pkg/attach ./pkg/pool)
+pkgs=(./pkg/attach ./pkg/pool ./test/csi)
+# shellcheck disable=SC2206
+if [ -n "${VM_PKGS:-}" ]; then pkgs=($VM_PKGS); fi
 
 cache="${WRITEBOOST_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/writeboost-csi}"
 # Not under /tmp: the guest's /tmp is its own.

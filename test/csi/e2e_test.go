@@ -50,6 +50,7 @@ func (e *env) stage(t *testing.T, v *csi.Volume) string {
 		StagingTargetPath: p, VolumeCapability: mountCap, VolumeContext: v.VolumeContext}); err != nil {
 		t.Fatalf("NodeStageVolume: %v", err)
 	}
+	e.checkMethod(t, v.VolumeId)
 	return p
 }
 
@@ -119,8 +120,9 @@ func fsSize(t *testing.T, path string) int64 {
 }
 
 // TestLifecycle follows kubelet's order of calls.
-func TestLifecycle(t *testing.T) {
-	e := newEnv(t)
+func TestLifecycle(t *testing.T) { testLifecycle(t, newEnv(t)) }
+
+func testLifecycle(t *testing.T, e *env) {
 	before := e.capacity(t)
 	v := e.create(t, "pvc-lifecycle", 64<<20)
 	if after := e.capacity(t); before-after < 64<<20 {
@@ -207,8 +209,9 @@ func TestLifecycle(t *testing.T) {
 // mounted: the mount keeps working after the restart and synced data is
 // intact; then the same across a graceful restart, and after a later
 // unstage and stage.
-func TestKillWhileStaged(t *testing.T) {
-	e := newEnv(t)
+func TestKillWhileStaged(t *testing.T) { testKillWhileStaged(t, newEnv(t)) }
+
+func testKillWhileStaged(t *testing.T, e *env) {
 	v := e.create(t, "pvc-kill", 64<<20)
 	staging := e.stage(t, v)
 	target := e.publish(t, v, staging)
@@ -306,8 +309,9 @@ var blockCap = &csi.VolumeCapability{
 
 // TestBlockKillWhileStaged: a raw block volume published to a "pod" keeps
 // its synced data across a SIGKILL and restart of the plugin.
-func TestBlockKillWhileStaged(t *testing.T) {
-	e := newEnv(t)
+func TestBlockKillWhileStaged(t *testing.T) { testBlockKillWhileStaged(t, newEnv(t)) }
+
+func testBlockKillWhileStaged(t *testing.T, e *env) {
 	r, err := e.ctrl().CreateVolume(ctx(t), &csi.CreateVolumeRequest{Name: "pvc-block", Parameters: testParams,
 		CapacityRange: &csi.CapacityRange{RequiredBytes: 32 << 20}, VolumeCapabilities: []*csi.VolumeCapability{blockCap}})
 	if err != nil {
@@ -319,6 +323,7 @@ func TestBlockKillWhileStaged(t *testing.T) {
 		StagingTargetPath: staging, VolumeCapability: blockCap, VolumeContext: v.VolumeContext}); err != nil {
 		t.Fatal(err)
 	}
+	e.checkMethod(t, v.VolumeId)
 	target := filepath.Join(e.base, "pods", "blk", "dev")
 	if _, err := e.node().NodePublishVolume(ctx(t), &csi.NodePublishVolumeRequest{VolumeId: v.VolumeId,
 		StagingTargetPath: staging, TargetPath: target, VolumeCapability: blockCap}); err != nil {

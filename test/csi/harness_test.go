@@ -73,19 +73,27 @@ type env struct {
 	t                                   *testing.T
 	base, hdd, nvme, state, run, socket string
 	extra                               []string
+	kernel                              bool // every attach must be kernel-netlink (kernel_test.go)
 	cmd                                 *exec.Cmd
 	logf                                *os.File
 	conn                                *grpc.ClientConn
 }
 
-func newEnv(t *testing.T, extra ...string) *env {
+func newEnv(t *testing.T, extra ...string) *env { return newNode(t, false, extra...) }
+
+// newNode is newEnv; kernel: the node's kernel has nbd (the real-kernel
+// tier) and every attach must take the kernel-netlink path.
+func newNode(t *testing.T, kernel bool, extra ...string) *env {
 	requireEnv(t)
+	if kernel {
+		requireKernelNBD(t)
+	}
 	base, err := os.MkdirTemp("", "wbcsi-")
 	if err != nil {
 		t.Fatal(err)
 	}
 	e := &env{t: t, base: base, hdd: filepath.Join(base, "hdd"), nvme: filepath.Join(base, "nvme"),
-		state: filepath.Join(base, "state"), run: filepath.Join(base, "run"), socket: filepath.Join(base, "csi.sock"), extra: extra}
+		state: filepath.Join(base, "state"), run: filepath.Join(base, "run"), socket: filepath.Join(base, "csi.sock"), extra: extra, kernel: kernel}
 	t.Cleanup(e.cleanup)
 	// Pools on filesystems of their own, so capacity is exact and can run out.
 	e.mkfs(e.hdd, 768<<20)
@@ -222,6 +230,9 @@ func (e *env) stop() error {
 }
 
 func (e *env) cleanup() {
+	if e.kernel {
+		e.checkKernelLog()
+	}
 	if e.cmd != nil && e.cmd.ProcessState == nil {
 		if err := e.stop(); err != nil {
 			e.t.Errorf("plugin exit: %v", err)

@@ -24,7 +24,9 @@ func csiSanity(t *testing.T) string {
 
 // TestSanity runs csi-sanity against the real plugin, for Mount and Block
 // volumes, with StorageClass parameters and a config file.
-func TestSanity(t *testing.T) {
+func TestSanity(t *testing.T) { testSanity(t, newEnv) }
+
+func testSanity(t *testing.T, newEnv func(*testing.T, ...string) *env) {
 	requireEnv(t)
 	bin := csiSanity(t)
 	for _, access := range []string{"mount", "block"} {

@@ -1,0 +1,85 @@
+package csi
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/writeboost-csi/writeboost-csi/pkg/attach"
+	"github.com/writeboost-csi/writeboost-csi/test/testenv"
+)
+
+// The TestKernel* tests run the plugin's scenarios again where the kernel
+// has nbd (make vm-test, hack/vm): the production attach path, kernel NBD
+// over netlink, instead of the nbdfuse + loop fallback of the host. Every
+// staged volume's attachment record must say kernel-netlink, and the
+// plugin must never have fallen back.
+
+func requireKernelNBD(t *testing.T) {
+	t.Helper()
+	testenv.RequireRoot(t)
+	if _, err := os.Stat("/dev/nbd0"); err != nil {
+		_ = exec.Command("modprobe", "nbd").Run()
+	}
+	testenv.RequireKernelFeature(t, "/dev/nbd0", "kernel nbd driver")
+}
+
+func newKernelEnv(t *testing.T, extra ...string) *env { return newNode(t, true, extra...) }
+
+// checkMethod: on a kernel node, volumeID's attachment record (the one a
+// restarted plugin re-adopts) names the kernel-netlink method.
+func (e *env) checkMethod(t *testing.T, volumeID string) {
+	t.Helper()
+	if !e.kernel {
+		return
+	}
+	recs, _ := filepath.Glob(filepath.Join(e.state, "attach", "*.json"))
+	for _, r := range recs {
+		var a attach.Attachment
+		if b, err := os.ReadFile(r); err != nil || json.Unmarshal(b, &a) != nil || a.VolumeID != volumeID {
+			continue
+		}
+		if a.Method != attach.MethodNetlink || !strings.HasPrefix(a.Device, "/dev/nbd") {
+			t.Fatalf("volume %s attached by %s on %s; want %s on /dev/nbd*", volumeID, a.Method, a.Device, attach.MethodNetlink)
+		}
+		return
+	}
+	t.Fatalf("no attachment record for staged volume %s in %s", volumeID, filepath.Join(e.state, "attach"))
+}
+
+// checkKernelLog: the plugin attached over netlink and never fell back.
+func (e *env) checkKernelLog() {
+	b, err := os.ReadFile(filepath.Join(e.base, "plugin.log")) // all of it: e.log keeps only the tail
+	if err != nil {
+		e.t.Errorf("plugin log: %v", err)
+		return
+	}
+	log := string(b)
+	if !strings.Contains(log, `method="`+attach.MethodNetlink+`"`) {
+		e.t.Errorf("the plugin never attached by %s; log:\n%s", attach.MethodNetlink, e.log())
+	}
+	for _, m := range []string{attach.MethodFallback, attach.MethodIoctl} {
+		if strings.Contains(log, `method="`+m+`"`) {
+			e.t.Errorf("the plugin attached by %s on a kernel with nbd netlink; log:\n%s", m, e.log())
+		}
+	}
+}
+
+// TestKernelLifecycle is TestLifecycle (kubelet's order of calls, offline
+// expansion, delete) on kernel NBD.
+func TestKernelLifecycle(t *testing.T) { testLifecycle(t, newKernelEnv(t)) }
+
+// TestKernelKillWhileStaged is TestKillWhileStaged on kernel NBD: the
+// restarted plugin reconfigures the live /dev/nbdX (RECONFIGURE) under the
+// mounted filesystem, after a SIGKILL and after a graceful restart.
+func TestKernelKillWhileStaged(t *testing.T) { testKillWhileStaged(t, newKernelEnv(t)) }
+
+// TestKernelBlockKillWhileStaged is TestBlockKillWhileStaged (a raw block
+// volume) on kernel NBD.
+func TestKernelBlockKillWhileStaged(t *testing.T) { testBlockKillWhileStaged(t, newKernelEnv(t)) }
+
+// TestKernelSanity is csi-sanity, Mount and Block, on kernel NBD.
+func TestKernelSanity(t *testing.T) { testSanity(t, newKernelEnv) }
