@@ -53,19 +53,30 @@ type FioResult struct {
 
 // EngineSnapshot is part of `writeboost status --json`.
 type EngineSnapshot struct {
-	NrSegments            uint64 `json:"nr_segments"`
-	CurrentID             uint64 `json:"current_id"`
-	LastWritebackID       uint64 `json:"last_writeback_id"`
-	NrDirtyCacheBlocks    uint64 `json:"nr_dirty_cache_blocks"`
-	PacedWrites           uint64 `json:"paced_writes"`
-	WritebackBytes        uint64 `json:"writeback_bytes"`
-	WritebackFilledBlocks uint64 `json:"writeback_filled_blocks"`
+	NrSegments            uint64         `json:"nr_segments"`
+	CurrentID             uint64         `json:"current_id"`
+	LastWritebackID       uint64         `json:"last_writeback_id"`
+	NrDirtyCacheBlocks    uint64         `json:"nr_dirty_cache_blocks"`
+	PacedWrites           uint64         `json:"paced_writes"`
+	WritebackBytes        uint64         `json:"writeback_bytes"`
+	WritebackFilledBlocks uint64         `json:"writeback_filled_blocks"`
+	Cleaning              EngineCleaning `json:"cleaning"`
 	Stat                  struct {
 		ReadHitBufferFull  uint64 `json:"read_hit_buffer_full"`
 		ReadHitCacheFull   uint64 `json:"read_hit_cache_full"`
 		ReadMissBufferFull uint64 `json:"read_miss_buffer_full"`
 		ReadMissCacheFull  uint64 `json:"read_miss_cache_full"`
 	} `json:"stat"`
+}
+
+// EngineCleaning is the cleaner's part of the status (engine.CleaningStatus).
+type EngineCleaning struct {
+	CleanedBlocks           uint64  `json:"cleaned_blocks"`
+	CleanedSegments         uint64  `json:"cleaned_segments"`
+	WrittenBackSegments     uint64  `json:"written_back_segments"`
+	WritebackYields         uint64  `json:"writeback_yields"`
+	LogBlocks               uint64  `json:"log_blocks"`
+	CacheWriteAmplification float64 `json:"cache_write_amplification"`
 }
 
 // fullReads returns the whole-block reads served from the cache (RAM

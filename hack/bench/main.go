@@ -44,6 +44,7 @@ type Results struct {
 	Open      []OpenResult                    `json:"open_full_cache"`
 	Index     IndexResult                     `json:"index"`
 	RingFull  RingFullResult                  `json:"ring_full"`
+	Wrapped   WrappedResult                   `json:"wrapped"`
 	Goals     []Goal                          `json:"goals"`
 	Errors    []string                        `json:"errors,omitempty"`
 }
@@ -104,6 +105,9 @@ func main() {
 	only := flag.String("systems", "abcdefgh", "systems to run (letters)")
 	skipFio := flag.Bool("skip-fio", false, "only the engine-level figures")
 	skipEngine := flag.Bool("skip-engine", false, "only the fio figures")
+	skipWrapped := flag.Bool("skip-wrapped", false, "leave out the wrapped-log figure (cleaning)")
+	wrapTime := flag.Duration("wrap-time", 25*time.Second, "wrapped-log figure: writes before the measurement, for the log to wrap")
+	wrapMeasure := flag.Duration("wrap-measure", 10*time.Second, "wrapped-log figure: measured time")
 	probe := flag.Bool("probe-writeback", false, "only print how background writeback progresses on an idle engine (diagnostic)")
 	rerender := flag.Bool("rerender", false, "redraw the page and charts from OUT/benchmarks/results.json without measuring")
 	work := flag.String("workdir", "", "scratch directory (default: a new one under $TMPDIR, removed at the end)")
@@ -129,6 +133,7 @@ func main() {
 		out: *out, runtime: *runtime, ramp: *ramp, size: *size, wbCache: *wbCache,
 		openCache: *openCache, ringMeasure: *ringMeasure, systems: *only,
 		skipFio: *skipFio, skipEngine: *skipEngine, workdir: *work,
+		skipWrapped: *skipWrapped, wrapTime: *wrapTime, wrapMeasure: *wrapMeasure,
 	}); err != nil {
 		klog.ErrorS(err, "bench failed")
 		klog.Flush()
@@ -144,6 +149,8 @@ type runOpts struct {
 	systems                    string
 	skipFio, skipEngine        bool
 	workdir                    string
+	skipWrapped                bool
+	wrapTime, wrapMeasure      time.Duration
 }
 
 func run(ctx context.Context, o runOpts) error {
@@ -176,13 +183,15 @@ func run(ctx context.Context, o runOpts) error {
 		return fmt.Errorf("scratch dir: %w", err)
 	}
 
-	if !o.skipFio {
-		bin := filepath.Join(dir, "writeboost")
+	bin := filepath.Join(dir, "writeboost")
+	if !o.skipFio || !o.skipWrapped {
 		build := exec.CommandContext(ctx, "go", "build", "-o", bin, "./cmd/writeboost")
 		build.Stdout, build.Stderr = os.Stderr, os.Stderr
 		if err := build.Run(); err != nil {
 			return fmt.Errorf("build cmd/writeboost (run from the repository root): %w", err)
 		}
+	}
+	if !o.skipFio {
 		env := &benchEnv{writeboostBin: bin, exportSize: o.size, cacheSize: o.wbCache}
 		for _, s := range systems {
 			if !strings.Contains(o.systems, s.ID) {
@@ -201,6 +210,14 @@ func run(ctx context.Context, o runOpts) error {
 		}
 	}
 
+	if !o.skipWrapped && ctx.Err() == nil {
+		res.Wrapped = runWrapped(ctx, bin, dir, o.size, 128<<20, 256<<20, o.wrapTime, o.wrapMeasure)
+		for _, r := range res.Wrapped.Runs {
+			if r.Fio.Error != "" {
+				res.Errors = append(res.Errors, fmt.Sprintf("wrapped log, %s: %s", r.Case, r.Fio.Error))
+			}
+		}
+	}
 	if !o.skipEngine {
 		runEngineFigures(ctx, res, o)
 	}

@@ -201,7 +201,11 @@ func evaluateGoals(res *Results) []Goal {
 			op.Measured = r.ReadPctOfCache
 		}
 	}
-	gs = append(gs, op)
+	gs = append(gs, op,
+		Goal{ID: "wrapped", Text: "4K random write over 0.5x the cache after the log has wrapped many times ≥ 0.7 × the same engine with a cache that never fills (issue 15)",
+			Op: ">=", Target: 0.7, Unit: "x", Measured: res.Wrapped.Ratio("wrapped", "never-full")},
+		Goal{ID: "wrapped-contended", Text: "The same with the CPU contended by 2 busy loops ≥ 0.7 × never-full under the same contention (no collapse)",
+			Op: ">=", Target: 0.7, Unit: "x", Measured: res.Wrapped.Ratio("wrapped-contended", "never-full-contended")})
 	for i := range gs {
 		g := &gs[i]
 		if !math.IsNaN(g.Measured) {
@@ -454,6 +458,7 @@ func renderPage(res *Results, charts []string) string {
 	} else {
 		p("Not measured in this run.\n\n")
 	}
+	renderWrapped(p, res.Wrapped)
 	rf := res.RingFull
 	p("### Writes with the log ring full\n\n")
 	if rf.Error != "" {

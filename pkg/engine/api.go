@@ -37,6 +37,7 @@ type Tunables struct {
 	SyncDataInterval       int  `json:"sync_data_interval"`
 	ReadCacheThreshold     int  `json:"read_cache_threshold"`
 	WriteAroundMode        bool `json:"write_around_mode"`
+	CleanThreshold         int  `json:"clean_threshold"`
 }
 
 // TunableSpec describes one tunable: the single source of truth for its
@@ -66,6 +67,8 @@ var TunableSpecs = []TunableSpec{
 		Help: "cache full-block read misses, except sequential runs longer than this many blocks; 0 disables the read cache"},
 	{Name: "write_around_mode", Min: 0, Max: 1, Default: 0, Online: false, Unit: "bool",
 		Help: "when on, writes bypass the cache and go to the backing device durably; the cache serves reads only"},
+	{Name: "clean_threshold", Min: 0, Max: 90, Default: 50, Online: true, Unit: "%",
+		Help: "when the log is three-quarters full, its oldest segments holding at most this share of live dirty blocks are cleaned (the blocks copied forward in the cache) instead of written back, at most 1/(1-t) cache writes per new block; 0 disables cleaning (not in dm-writeboost)"},
 }
 
 // LookupTunable returns the spec of a tunable by name.
@@ -130,6 +133,8 @@ func (t *Tunables) set(s TunableSpec, v int) error {
 		t.ReadCacheThreshold = v
 	case "write_around_mode":
 		t.WriteAroundMode = v != 0
+	case "clean_threshold":
+		t.CleanThreshold = v
 	default:
 		return fmt.Errorf("%w: %q", ErrUnknownKey, s.Name)
 	}
@@ -162,6 +167,7 @@ func (t Tunables) Map() [][2]string {
 		{"sync_data_interval", strconv.Itoa(t.SyncDataInterval)},
 		{"read_cache_threshold", strconv.Itoa(t.ReadCacheThreshold)},
 		{"write_around_mode", b(t.WriteAroundMode)},
+		{"clean_threshold", strconv.Itoa(t.CleanThreshold)},
 	}
 }
 
@@ -243,23 +249,25 @@ type Status struct {
 	PacedWrites uint64 `json:"paced_writes"`
 	// WritebackFilledBlocks counts blocks written back early to fill a gap
 	// between blocks of a batch (see the engine's writeback.go).
-	WritebackFilledBlocks  uint64   `json:"writeback_filled_blocks"`
-	Stat                   Counters `json:"stat"`
-	WritebackBytes         uint64   `json:"writeback_bytes"`
-	WritebackBytesPerSec   float64  `json:"writeback_bytes_per_sec"`
-	ReadHitRatio           float64  `json:"read_hit_ratio"`
-	WriteHitRatio          float64  `json:"write_hit_ratio"`
-	BackingUtilization     float64  `json:"backing_utilization"`
-	FlushCount             uint64   `json:"flush_count"`
-	FlushLatencySecondsSum float64  `json:"flush_latency_seconds_sum"`
-	CacheIOErrors          uint64   `json:"cache_io_errors"`
-	BackingIOErrors        uint64   `json:"backing_io_errors"`
-	LastError              string   `json:"last_error,omitempty"`
-	CacheSize              int64    `json:"cache_size"`
-	BackingSize            int64    `json:"backing_size"`
-	SegmentSize            int      `json:"segment_size"`
-	UUID                   string   `json:"uuid"`
-	Tunables               Tunables `json:"tunables"`
+	WritebackFilledBlocks uint64 `json:"writeback_filled_blocks"`
+	// Cleaning is what the log's cleaner did (see the engine's clean.go).
+	Cleaning               CleaningStatus `json:"cleaning"`
+	Stat                   Counters       `json:"stat"`
+	WritebackBytes         uint64         `json:"writeback_bytes"`
+	WritebackBytesPerSec   float64        `json:"writeback_bytes_per_sec"`
+	ReadHitRatio           float64        `json:"read_hit_ratio"`
+	WriteHitRatio          float64        `json:"write_hit_ratio"`
+	BackingUtilization     float64        `json:"backing_utilization"`
+	FlushCount             uint64         `json:"flush_count"`
+	FlushLatencySecondsSum float64        `json:"flush_latency_seconds_sum"`
+	CacheIOErrors          uint64         `json:"cache_io_errors"`
+	BackingIOErrors        uint64         `json:"backing_io_errors"`
+	LastError              string         `json:"last_error,omitempty"`
+	CacheSize              int64          `json:"cache_size"`
+	BackingSize            int64          `json:"backing_size"`
+	SegmentSize            int            `json:"segment_size"`
+	UUID                   string         `json:"uuid"`
+	Tunables               Tunables       `json:"tunables"`
 }
 
 // Counters are dm-writeboost's 16 hit/miss counters, named

@@ -16,7 +16,12 @@
 // blocks of the oldest segments to the backing device in sorted batches,
 // filling short gaps between them with newer cached copies so that a
 // mostly dirty disk is swept in long runs (writeback.go); a checkpoint
-// record then lets their slots be reused. The ticker
+// record then lets their slots be reused. When the ring is pressed and the
+// oldest segments hold few live dirty blocks, the same goroutine cleans
+// them instead: it copies those blocks forward into the head of the log,
+// where they stay dirty, and passes the segments without waiting for the
+// backing device (clean.go), so a working set of a large share of the
+// cache keeps running at cache speed after the log wraps. The ticker
 // goroutine measures backing utilisation and drives the interval
 // tunables. All three are owned by the Engine: Open starts them, Close
 // stops them.

@@ -138,9 +138,11 @@ type Engine struct {
 		wbBlocksPerSec float64   // writeback speed while a batch runs (EWMA)
 		paceNext       time.Time // when the next paced block may enter
 		pacedWrites    uint64
-		wbFilled       uint64    // blocks written back to fill gaps
-		batchBegan     time.Time // start of the batch in progress
-		batchDone      int       // blocks it has written so far
+		wbFilled       uint64         // blocks written back to fill gaps
+		clean          CleaningStatus // cleaner counters (clean.go)
+		cleanHold      time.Time      // background writeback waits until then (clean.go)
+		batchBegan     time.Time      // start of the batch in progress
+		batchDone      int            // blocks it has written so far
 		flushCount     uint64
 		flushLatency   time.Duration
 		cacheErrors    uint64
@@ -403,7 +405,13 @@ func (e *Engine) writeBlockLocked(blk uint64, first int, data []byte) error {
 		}
 		var merge uint8
 		var src []byte
-		if ok && metaFlags(m)&flagDirty != 0 {
+		if ok && (metaFlags(m)&flagDirty != 0 || e.mu.slotID[uint64(pos)/uint64(e.nd)] > e.mu.ckptWbID) {
+			// A clean copy the log still replays is merged too: it was
+			// marked clean by writeback (a gap fill, a batch that
+			// yielded to the cleaner) while an older discard record of
+			// the block may still be in the log, and recovery re-applies
+			// that discard to the backing device, zeroing the sectors
+			// this partial write leaves out.
 			merge = metaMask(m) &^ mask
 		}
 		if merge != 0 {
@@ -488,8 +496,8 @@ func (e *Engine) reserveLocked() (retry bool, err error) {
 	if e.roomLocked() {
 		return false, nil
 	}
-	if e.mu.nextID > e.mu.ckptWbID+e.nseg {
-		e.mu.urgent = true // the ring is full: writeback must free a slot
+	if e.mu.nextID > e.fgLimitLocked() {
+		e.mu.urgent = true // the ring is full: writeback or cleaning must free a slot
 		if e.mu.wbErr != nil {
 			// Only writeback can free a slot and the backing device is
 			// failing: surface the error instead of waiting for a device
@@ -504,13 +512,18 @@ func (e *Engine) reserveLocked() (retry bool, err error) {
 }
 
 // roomLocked makes room in the open buffer if that needs no waiting.
-func (e *Engine) roomLocked() bool {
+// The foreground leaves the cleaner its reserve of the ring (clean.go).
+func (e *Engine) roomLocked() bool { return e.roomUpToLocked(e.fgLimitLocked()) }
+
+// roomUpToLocked is roomLocked for a writer that may open segments up to
+// id limit.
+func (e *Engine) roomUpToLocked(limit uint64) bool {
 	if cur := e.mu.cur; cur != nil && cur.count < e.nd {
 		return true
 	}
 	e.sealLocked()
 	id := e.mu.nextID
-	if id-e.mu.writtenID > uint64(len(e.mu.bufs)) || id > e.mu.ckptWbID+e.nseg {
+	if id-e.mu.writtenID > uint64(len(e.mu.bufs)) || id > limit {
 		return false
 	}
 	e.openBufferLocked(id)
@@ -528,6 +541,7 @@ func (e *Engine) commitLocked(blk uint64, mask, flags uint8, kind layout.Kind, l
 	layout.PutMetablock(cur.seg[:blockSize], i, layout.Metablock{Block: blk, Mask: mask, Kind: kind, Length: length})
 	cur.count++
 	atomic.StoreUint32(ctrlCount(cur.ctrl), uint32(cur.count))
+	e.mu.clean.LogBlocks++
 	if flags&flagValid != 0 {
 		if oldPos, replaced := e.mu.idx.insert(pos); replaced {
 			e.dropLocked(oldPos, cur.id)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand"
 	"os"
+	"sync/atomic"
 	"testing"
 
 	"github.com/writeboost-csi/writeboost-csi/pkg/blockdev"
@@ -58,15 +59,26 @@ func TestReferenceModel(t *testing.T) {
 	if stress() {
 		seeds, ops = 200, 3000
 	}
-	for seed := 0; seed < seeds; seed++ {
-		t.Run(fmt.Sprint("seed", seed), func(t *testing.T) {
-			t.Parallel()
-			runModel(t, int64(seed), ops)
-		})
+	var cleaned atomic.Int32
+	t.Run("seeds", func(t *testing.T) {
+		for seed := 0; seed < seeds; seed++ {
+			t.Run(fmt.Sprint("seed", seed), func(t *testing.T) {
+				t.Parallel()
+				if runModel(t, int64(seed), ops) > 0 {
+					cleaned.Add(1)
+				}
+			})
+		}
+	})
+	// The model must cover cleaning (clean.go), not only allow it.
+	t.Logf("cleaning ran in %d of %d seeds", cleaned.Load(), seeds)
+	if int(cleaned.Load()) < seeds/4 {
+		t.Errorf("cleaning ran in only %d of %d seeds", cleaned.Load(), seeds)
 	}
 }
 
-func runModel(t *testing.T, seed int64, ops int) {
+// runModel returns how many segments the cleaner passed.
+func runModel(t *testing.T, seed int64, ops int) (cleanedSegs uint64) {
 	rng := rand.New(rand.NewSource(seed))
 	const size = 4 << 20
 	backing := blockdev.NewMem(size, nil)
@@ -94,6 +106,7 @@ func runModel(t *testing.T, seed int64, ops int) {
 		o.Tunables.WritebackThreshold = []int{0, 70, 100}[seed%3]
 		o.Tunables.NrMaxBatchedWriteback = 1 + int(seed%4)
 		o.RAMBuffers = 1 + int(seed%3)
+		o.Tunables.CleanThreshold = []int{50, 90, 0}[(seed/4)%3]
 	}
 	e := openTest(t, cache, backing, mut)
 	defer func() { e.Close() }()
@@ -154,6 +167,7 @@ func runModel(t *testing.T, seed int64, ops int) {
 				known(off, n, true)
 			}
 		case op < 93:
+			cleanedSegs += e.Status().Cleaning.CleanedSegments
 			if err := e.Close(); err != nil {
 				t.Fatalf("op %d close: %v", i, err)
 			}
@@ -169,8 +183,12 @@ func runModel(t *testing.T, seed int64, ops int) {
 			if err := e.SetTunable("read_cache_threshold", fmt.Sprint(rng.Intn(128))); err != nil {
 				t.Fatal(err)
 			}
-		default:
+		case op < 99:
 			if err := e.SetTunable("writeback_threshold", fmt.Sprint(rng.Intn(101))); err != nil {
+				t.Fatal(err)
+			}
+		default:
+			if err := e.SetTunable("clean_threshold", fmt.Sprint(rng.Intn(91))); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -184,6 +202,7 @@ func runModel(t *testing.T, seed int64, ops int) {
 	if d := same(p, 0); d >= 0 {
 		t.Fatalf("final read differs from the model at byte %d", d)
 	}
+	cleanedSegs += e.Status().Cleaning.CleanedSegments
 	if err := e.Drain(context.Background(), nil); err != nil {
 		t.Fatal(err)
 	}
@@ -196,6 +215,7 @@ func runModel(t *testing.T, seed int64, ops int) {
 	if z := e.Status().PendingZeroBlocks; z != 0 {
 		t.Fatalf("%d zero blocks still pending after a drain", z)
 	}
+	return cleanedSegs
 }
 
 func firstDiff(a, b []byte) int {

@@ -14,6 +14,7 @@ func (e *Engine) Status() Status {
 		Memory:                e.memoryLocked(),
 		PacedWrites:           e.mu.pacedWrites,
 		WritebackFilledBlocks: e.mu.wbFilled,
+		Cleaning:              e.cleaningStatusLocked(),
 		NrSegments:            e.nseg,
 		CurrentID:             e.mu.nextID - 1,
 		LastFlushedID:         e.mu.flushedID,

@@ -194,9 +194,12 @@ func (e *Engine) writebackOnce(maxSegs int, checkpoint bool) (bool, error) {
 	if err := e.zeroRuns(mergeRanges(nil, zeros)); err != nil {
 		return true, e.wbFail(err)
 	}
-	if err := e.writeItems(items); err != nil {
+	n, err := e.writeItems(items)
+	yielded := errors.Is(err, errYield)
+	if err != nil && !yielded {
 		return true, e.wbFail(err)
 	}
+	items = items[:n]
 	if err := e.backing.Flush(); err != nil {
 		return true, e.wbFail(fmt.Errorf("flush backing device: %w", err))
 	}
@@ -220,6 +223,18 @@ func (e *Engine) writebackOnce(maxSegs int, checkpoint bool) (bool, error) {
 		e.mu.idx.meta[pos] &^= uint64(flagDiscard) << metaFlagShift
 		e.removeZeroLocked(pos)
 	}
+	if yielded {
+		// The cleaner takes the tail (clean.go); what was written is
+		// clean now, and the batch's segments stay where they are.
+		e.mu.wbBytes += written
+		e.mu.wbErr = nil
+		e.mu.clean.WritebackYields++
+		e.mu.cleanHold = e.clock.Now().Add(cleanHold)
+		e.cond.Broadcast()
+		e.mu.Unlock()
+		return true, nil
+	}
+	e.mu.clean.WrittenBackSegments += to - from + 1
 	e.mu.wbDoneID = to
 	// The pace is set by ring space reclaimed, the resource the
 	// foreground consumes (pace.go).
@@ -268,8 +283,10 @@ func (e *Engine) idOfPos(pos uint32, from, to uint64) uint64 {
 
 // writeItems writes sorted items to the backing device, one I/O per run of
 // consecutive blocks. Partially dirty blocks are first completed with the
-// backing device's current data (read in runs as well).
-func (e *Engine) writeItems(items []wbItem) error {
+// backing device's current data (read in runs as well). It returns how
+// many items it wrote: all, or, with errYield, those before the point
+// where it gave way to the cleaner (clean.go).
+func (e *Engine) writeItems(items []wbItem) (int, error) {
 	for i := 0; i < len(items); {
 		j := i + 1
 		for j < len(items) && items[j].blk == items[j-1].blk+1 && (j-i)*blockSize < maxWritebackIO {
@@ -284,7 +301,7 @@ func (e *Engine) writeItems(items []wbItem) error {
 		}
 		if partial {
 			if _, err := e.backing.Device.ReadAt(run, int64(items[i].blk)*blockSize); err != nil {
-				return fmt.Errorf("read backing blocks %d-%d to complete partial blocks: %w", items[i].blk, items[j-1].blk, err)
+				return i, fmt.Errorf("read backing blocks %d-%d to complete partial blocks: %w", items[i].blk, items[j-1].blk, err)
 			}
 		}
 		var stretches [][2]int // filled blocks: [k, l) of one segment, consecutive positions
@@ -302,17 +319,21 @@ func (e *Engine) writeItems(items []wbItem) error {
 			k = l
 		}
 		if err := e.readFills(items, stretches, run, i); err != nil {
-			return err
+			return i, err
 		}
 		if _, err := e.backing.WriteAt(run, int64(items[i].blk)*blockSize); err != nil {
-			return fmt.Errorf("write back blocks %d-%d: %w", items[i].blk, items[j-1].blk, err)
+			return i, fmt.Errorf("write back blocks %d-%d: %w", items[i].blk, items[j-1].blk, err)
 		}
 		e.mu.Lock()
 		e.mu.batchDone += j - i // the pace's first estimate (pace.go)
+		yield := j < len(items) && e.cleanWantedLocked()
 		e.mu.Unlock()
+		if yield {
+			return j, errYield
+		}
 		i = j
 	}
-	return nil
+	return len(items), nil
 }
 
 // fillReaders bounds the cache reads of filled blocks in flight: they are
@@ -500,7 +521,7 @@ func (e *Engine) writebackWantedLocked() bool {
 	if e.mu.nextID-e.mu.wbDoneID > e.nseg*3/4 {
 		return true
 	}
-	return e.mu.bgAllow
+	return e.mu.bgAllow && !e.bgHeldLocked()
 }
 
 func (e *Engine) writebacker() {
@@ -518,10 +539,17 @@ func (e *Engine) writebacker() {
 		}
 		n := e.mu.tunables.NrMaxBatchedWriteback
 		urgent := e.mu.urgent
+		clean := e.cleanWantedLocked()
 		e.mu.Unlock()
-		did, err := e.writebackOnce(n, urgent)
+		did, err := false, error(nil)
+		if clean {
+			did, err = e.cleanOnce(n)
+		}
+		if !did && err == nil {
+			did, err = e.writebackOnce(n, urgent)
+		}
 		e.mu.Lock()
-		if did && err == nil && e.mu.nextID <= e.mu.ckptWbID+e.nseg {
+		if did && err == nil && e.mu.nextID <= e.fgLimitLocked() {
 			e.mu.urgent = false
 		}
 		e.mu.Unlock()

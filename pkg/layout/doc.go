@@ -77,6 +77,14 @@
 // blank and slot 1 damaged (record 1 torn; had record 1 been complete,
 // record 2 would be in slot 0). Formatting zeroes both slots.
 //
+// A dirty block is superseded by a newer write of the same block or by a
+// cleaned copy: the cleaner copies a segment's live dirty blocks forward
+// into the head of the log as ordinary data metablocks, so that the
+// segment can be passed without writing back (pkg/engine's clean.go).
+// Both kinds of copy are in segments after last_writeback_id, which
+// recovery replays; nothing in the encoding tells them apart, and none is
+// needed: format version 1 covers caches that were cleaned.
+//
 // The epoch numbers the runs (opens) of the cache: a run records its
 // epoch in a checkpoint before it writes any segment, and stamps it on
 // every segment it writes.
@@ -86,7 +94,7 @@
 //	| 0    | 8    | magic "WBOOSTCP"                                      |
 //	| 8    | 16   | cache UUID                                            |
 //	| 24   | 8    | sequence, >= 1                                        |
-//	| 32   | 8    | last_writeback_id: every segment with id <= this is written back to the backing device, and the backing device was flushed |
+//	| 32   | 8    | last_writeback_id: every segment with id <= this is passed: each of its dirty blocks is written back to the backing device (and the backing device was flushed), or superseded by a copy in a later segment that was durable when this record was written (see below) |
 //	| 40   | 8    | last_flushed_id: every segment with id <= this was durable on the cache device when this record was written (may be below last_writeback_id, except when clean) |
 //	| 48   | 4    | flags: bit 0 = clean shutdown (the log ends exactly at last_flushed_id, and last_writeback_id <= last_flushed_id); other bits 0 |
 //	| 52   | 4    | epoch: the run (open) of the cache that wrote this record |

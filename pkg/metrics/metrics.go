@@ -37,6 +37,7 @@ type Collector struct {
 
 	dirty, cacheSize, backingSize, readHit, writeHit, wbRate, wbLag, util *prometheus.Desc
 	wbBytes, flushes, flushSeconds, ioErrors                              *prometheus.Desc
+	cleanedBlocks, reclaimedSegments, cacheWA                             *prometheus.Desc
 }
 
 // NewCollector returns a collector labelling every series with node.
@@ -46,18 +47,21 @@ func NewCollector(node string, src Source) *Collector {
 		return prometheus.NewDesc("writeboost_"+name, help, append(append([]string{}, l...), extra...), nil)
 	}
 	return &Collector{node: node, src: src,
-		dirty:        d("dirty_bytes", "Bytes in the cache not yet written back to the backing device."),
-		cacheSize:    d("cache_size_bytes", "Size of the cache slice."),
-		backingSize:  d("backing_size_bytes", "Size of the backing volume."),
-		readHit:      d("read_hit_ratio", "Fraction of reads served from RAM buffers or the cache device since the last clear_stat."),
-		writeHit:     d("write_hit_ratio", "Fraction of writes that overwrote a cached block since the last clear_stat."),
-		wbRate:       d("writeback_bytes_per_second", "Current rate of writeback to the backing device."),
-		wbLag:        d("writeback_lag_segments", "Segments written to the cache but not yet written back (current_id - last_writeback_id)."),
-		util:         d("backing_utilization_ratio", "Backing device utilisation as measured by the engine (0-1)."),
-		wbBytes:      d("writeback_bytes_total", "Bytes written back to the backing device."),
-		flushes:      d("flushes_total", "Flushes (FLUSH/FUA group commits) completed."),
-		flushSeconds: d("flush_latency_seconds_total", "Total time spent in flushes; divide by writeboost_flushes_total for the mean latency."),
-		ioErrors:     d("io_errors_total", "I/O errors seen on a device.", "device"),
+		dirty:             d("dirty_bytes", "Bytes in the cache not yet written back to the backing device."),
+		cacheSize:         d("cache_size_bytes", "Size of the cache slice."),
+		backingSize:       d("backing_size_bytes", "Size of the backing volume."),
+		readHit:           d("read_hit_ratio", "Fraction of reads served from RAM buffers or the cache device since the last clear_stat."),
+		writeHit:          d("write_hit_ratio", "Fraction of writes that overwrote a cached block since the last clear_stat."),
+		wbRate:            d("writeback_bytes_per_second", "Current rate of writeback to the backing device."),
+		wbLag:             d("writeback_lag_segments", "Segments written to the cache but not yet written back (current_id - last_writeback_id)."),
+		util:              d("backing_utilization_ratio", "Backing device utilisation as measured by the engine (0-1)."),
+		wbBytes:           d("writeback_bytes_total", "Bytes written back to the backing device."),
+		flushes:           d("flushes_total", "Flushes (FLUSH/FUA group commits) completed."),
+		flushSeconds:      d("flush_latency_seconds_total", "Total time spent in flushes; divide by writeboost_flushes_total for the mean latency."),
+		ioErrors:          d("io_errors_total", "I/O errors seen on a device.", "device"),
+		cleanedBlocks:     d("cleaned_blocks_total", "Live dirty blocks the log's cleaner copied forward in the cache instead of waiting for writeback."),
+		reclaimedSegments: d("reclaimed_segments_total", "Oldest log segments whose ring slots were freed, by how: cleaned (live blocks copied forward) or written back.", "by"),
+		cacheWA:           d("cache_write_amplification", "Blocks appended to the cache's log per block written by the volume's users since the volume was opened (1 without cleaning)."),
 		wipePending: prometheus.NewDesc("writeboost_pool_wipe_pending_bytes",
 			"Bytes of deleted volumes (or adopted free space) still being zeroed; they are not free for new volumes until wiped.", []string{"pool", "node"}, nil),
 		wiped: prometheus.NewDesc("writeboost_pool_wiped_bytes_total",
@@ -86,7 +90,7 @@ func (c *Collector) WithPools(p PoolSource) *Collector {
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.dirty, c.cacheSize, c.backingSize, c.readHit, c.writeHit, c.wbRate,
-		c.wbLag, c.util, c.wbBytes, c.flushes, c.flushSeconds, c.ioErrors, c.wipePending, c.wiped, c.memory, c.memReserved, c.budgetBytes, c.budgetReserved} {
+		c.wbLag, c.util, c.wbBytes, c.flushes, c.flushSeconds, c.ioErrors, c.cleanedBlocks, c.reclaimedSegments, c.cacheWA, c.wipePending, c.wiped, c.memory, c.memReserved, c.budgetBytes, c.budgetReserved} {
 		ch <- d
 	}
 }
@@ -133,6 +137,10 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		k(c.flushSeconds, s.FlushLatencySecondsSum)
 		k(c.ioErrors, float64(s.CacheIOErrors), "cache")
 		k(c.ioErrors, float64(s.BackingIOErrors), "backing")
+		k(c.cleanedBlocks, float64(s.Cleaning.CleanedBlocks))
+		k(c.reclaimedSegments, float64(s.Cleaning.CleanedSegments), "cleaning")
+		k(c.reclaimedSegments, float64(s.Cleaning.WrittenBackSegments), "writeback")
+		g(c.cacheWA, s.Cleaning.CacheWriteAmplification)
 		g(c.memory, float64(s.Memory.Index), "index")
 		g(c.memory, float64(s.Memory.Buffers), "buffers")
 		g(c.memory, float64(s.Memory.Scratch), "scratch")

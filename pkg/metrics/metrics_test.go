@@ -80,3 +80,28 @@ writeboost_memory_reserved_bytes{node="node-a",volume="vol-1"} 400
 		t.Fatalf("%d writeboost_memory_bytes series, want 3 (index, buffers, scratch)", n)
 	}
 }
+
+func TestCollectorCleaning(t *testing.T) {
+	c := NewCollector("node-a", func() map[string]engine.Status {
+		return map[string]engine.Status{"vol-1": {Cleaning: engine.CleaningStatus{CleanedBlocks: 40, CleanedSegments: 7,
+			WrittenBackSegments: 2, CacheWriteAmplification: 1.25}}}
+	})
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(c)
+	want := `
+# HELP writeboost_cache_write_amplification Blocks appended to the cache's log per block written by the volume's users since the volume was opened (1 without cleaning).
+# TYPE writeboost_cache_write_amplification gauge
+writeboost_cache_write_amplification{node="node-a",volume="vol-1"} 1.25
+# HELP writeboost_cleaned_blocks_total Live dirty blocks the log's cleaner copied forward in the cache instead of waiting for writeback.
+# TYPE writeboost_cleaned_blocks_total counter
+writeboost_cleaned_blocks_total{node="node-a",volume="vol-1"} 40
+# HELP writeboost_reclaimed_segments_total Oldest log segments whose ring slots were freed, by how: cleaned (live blocks copied forward) or written back.
+# TYPE writeboost_reclaimed_segments_total counter
+writeboost_reclaimed_segments_total{by="cleaning",node="node-a",volume="vol-1"} 7
+writeboost_reclaimed_segments_total{by="writeback",node="node-a",volume="vol-1"} 2
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "writeboost_cache_write_amplification",
+		"writeboost_cleaned_blocks_total", "writeboost_reclaimed_segments_total"); err != nil {
+		t.Fatal(err)
+	}
+}

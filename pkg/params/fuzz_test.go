@@ -72,7 +72,7 @@ func FuzzParse(f *testing.F) {
 	all := map[string]string{
 		KeyCacheSize: "1Gi", KeyWritebackThreshold: "0", KeyMaxBatchedWriteback: "8",
 		KeyUpdateSbRecordInterval: "3600", KeySyncDataInterval: "5", KeyReadCacheThreshold: "127",
-		KeyWriteAround: "true", KeyFSType: "xfs", "csi.storage.k8s.io/pvc/name": "data",
+		KeyWriteAround: "true", KeyCleanThreshold: "80", KeyFSType: "xfs", "csi.storage.k8s.io/pvc/name": "data",
 	}
 	f.Add(mapToLines(all))
 	f.Add(mapToLines(encodeParams(&Volume{Tunables: engine.DefaultTunables()})))

@@ -27,6 +27,7 @@ const (
 	KeySyncDataInterval       = "syncDataInterval"
 	KeyReadCacheThreshold     = "readCacheThreshold"
 	KeyWriteAround            = "writeAround"
+	KeyCleanThreshold         = "cleanThreshold"
 	KeyFSType                 = "csi.storage.k8s.io/fstype"
 
 	// sidecarPrefix marks keys added by the external sidecars
@@ -43,6 +44,7 @@ var tunableKeys = map[string]string{
 	KeySyncDataInterval:       "sync_data_interval",
 	KeyReadCacheThreshold:     "read_cache_threshold",
 	KeyWriteAround:            "write_around_mode",
+	KeyCleanThreshold:         "clean_threshold",
 }
 
 // FSTypes are the filesystems the driver formats.

@@ -23,13 +23,13 @@ func TestParseAll(t *testing.T) {
 	v, err := Parse(map[string]string{
 		"cacheSize": "1Gi", "writebackThreshold": "0", "maxBatchedWriteback": "8",
 		"updateSbRecordInterval": "3600", "syncDataInterval": "5", "readCacheThreshold": "127",
-		"writeAround": "true", "csi.storage.k8s.io/fstype": "xfs",
+		"writeAround": "true", "cleanThreshold": "80", "csi.storage.k8s.io/fstype": "xfs",
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	want := engine.Tunables{WritebackThreshold: 0, NrMaxBatchedWriteback: 8, UpdateSbRecordInterval: 3600,
-		SyncDataInterval: 5, ReadCacheThreshold: 127, WriteAroundMode: true}
+		SyncDataInterval: 5, ReadCacheThreshold: 127, WriteAroundMode: true, CleanThreshold: 80}
 	if v.Tunables != want || v.CacheSize != 1<<30 || v.FSType != "xfs" {
 		t.Fatalf("got %+v", v)
 	}
