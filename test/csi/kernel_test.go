@@ -2,11 +2,14 @@ package csi
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/writeboost-csi/writeboost-csi/pkg/attach"
 	"github.com/writeboost-csi/writeboost-csi/test/testenv"
@@ -83,3 +86,103 @@ func TestKernelBlockKillWhileStaged(t *testing.T) { testBlockKillWhileStaged(t, 
 
 // TestKernelSanity is csi-sanity, Mount and Block, on kernel NBD.
 func TestKernelSanity(t *testing.T) { testSanity(t, newKernelEnv) }
+
+// TestKernelRestartUnderWriter: a writer appends to a file on a mounted
+// kernel-NBD volume, fsyncing every chunk, while the plugin is SIGKILLed
+// and restarted, then stopped gracefully (SIGTERM) and replaced by a new
+// process (an upgrade). The restarted plugin reattaches the live device
+// (RECONFIGURE); the writer never sees an error, and after an unstage and
+// a stage every byte it wrote reads back.
+func TestKernelRestartUnderWriter(t *testing.T) {
+	e := newKernelEnv(t)
+	v := e.create(t, "pvc-writer", 64<<20)
+	staging := e.stage(t, v)
+	target := e.publish(t, v, staging)
+	path := filepath.Join(target, "stream")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var (
+		mu      sync.Mutex
+		written []byte
+		werr    error
+	)
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			chunk := randBytes(64<<10 + i%7)
+			if _, err := f.Write(chunk); err != nil {
+				mu.Lock()
+				werr = fmt.Errorf("write %d: %w", i, err)
+				mu.Unlock()
+				return
+			}
+			if err := f.Sync(); err != nil {
+				mu.Lock()
+				werr = fmt.Errorf("fsync %d: %w", i, err)
+				mu.Unlock()
+				return
+			}
+			mu.Lock()
+			written = append(written, chunk...)
+			mu.Unlock()
+		}
+	}()
+	progress := func(what string) {
+		t.Helper()
+		mu.Lock()
+		n := len(written)
+		mu.Unlock()
+		deadline := time.Now().Add(2 * time.Minute)
+		for {
+			mu.Lock()
+			m, err := len(written), werr
+			mu.Unlock()
+			if err != nil {
+				t.Fatalf("writer %s: %v", what, err)
+			}
+			if m >= n+(1<<20) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("writer made no progress %s (%d bytes)", what, m)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	progress("before the kill")
+	e.kill()
+	e.start()
+	progress("after the SIGKILL and restart")
+	if err := e.stop(); err != nil {
+		t.Fatalf("graceful stop: %v", err)
+	}
+	e.start()
+	progress("after the graceful restart")
+	close(stop)
+	<-done
+	if werr != nil {
+		t.Fatalf("writer: %v", werr)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(e.log(), "Re-adopted attached device"); n < 2 {
+		t.Fatalf("re-adopted the attached device %d times over two restarts", n)
+	}
+	e.unpublishUnstage(t, v, staging, target)
+	staging = e.stage(t, v)
+	target = e.publish(t, v, staging)
+	dropCaches()
+	checkFile(t, filepath.Join(target, "stream"), written)
+	t.Logf("writer wrote %d bytes across a SIGKILL and an upgrade", len(written))
+	e.unpublishUnstage(t, v, staging, target)
+}
