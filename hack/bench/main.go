@@ -108,6 +108,7 @@ func main() {
 	skipWrapped := flag.Bool("skip-wrapped", false, "leave out the wrapped-log figure (cleaning)")
 	wrapTime := flag.Duration("wrap-time", 25*time.Second, "wrapped-log figure: writes before the measurement, for the log to wrap")
 	wrapMeasure := flag.Duration("wrap-measure", 10*time.Second, "wrapped-log figure: measured time")
+	wrapCases := flag.String("wrap-cases", "", "wrapped-log figure: comma-separated cases to run (default all)")
 	probe := flag.Bool("probe-writeback", false, "only print how background writeback progresses on an idle engine (diagnostic)")
 	rerender := flag.Bool("rerender", false, "redraw the page and charts from OUT/benchmarks/results.json without measuring")
 	work := flag.String("workdir", "", "scratch directory (default: a new one under $TMPDIR, removed at the end)")
@@ -133,7 +134,7 @@ func main() {
 		out: *out, runtime: *runtime, ramp: *ramp, size: *size, wbCache: *wbCache,
 		openCache: *openCache, ringMeasure: *ringMeasure, systems: *only,
 		skipFio: *skipFio, skipEngine: *skipEngine, workdir: *work,
-		skipWrapped: *skipWrapped, wrapTime: *wrapTime, wrapMeasure: *wrapMeasure,
+		skipWrapped: *skipWrapped, wrapTime: *wrapTime, wrapMeasure: *wrapMeasure, wrapCases: *wrapCases,
 	}); err != nil {
 		klog.ErrorS(err, "bench failed")
 		klog.Flush()
@@ -151,6 +152,7 @@ type runOpts struct {
 	workdir                    string
 	skipWrapped                bool
 	wrapTime, wrapMeasure      time.Duration
+	wrapCases                  string
 }
 
 func run(ctx context.Context, o runOpts) error {
@@ -211,7 +213,7 @@ func run(ctx context.Context, o runOpts) error {
 	}
 
 	if !o.skipWrapped && ctx.Err() == nil {
-		res.Wrapped = runWrapped(ctx, bin, dir, o.size, 128<<20, 256<<20, o.wrapTime, o.wrapMeasure)
+		res.Wrapped = runWrapped(ctx, bin, dir, o.size, 128<<20, 256<<20, o.wrapTime, o.wrapMeasure, o.wrapCases)
 		for _, r := range res.Wrapped.Runs {
 			if r.Fio.Error != "" {
 				res.Errors = append(res.Errors, fmt.Sprintf("wrapped log, %s: %s", r.Case, r.Fio.Error))

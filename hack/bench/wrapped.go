@@ -7,6 +7,8 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -85,7 +87,7 @@ func cpuHogs(n int, stop <-chan struct{}) *sync.WaitGroup {
 	return &wg
 }
 
-func runWrapped(ctx context.Context, bin, dir string, volume, ws, cache int64, wrap, measure time.Duration) WrappedResult {
+func runWrapped(ctx context.Context, bin, dir string, volume, ws, cache int64, wrap, measure time.Duration, only string) WrappedResult {
 	res := WrappedResult{VolumeBytes: volume, WorkingSetBytes: ws, CacheBytes: cache, WrapSec: wrap.Seconds(),
 		MeasureSec: measure.Seconds(), Hogs: 2}
 	// A cache the job never fills past the mark where writeback is urged
@@ -96,6 +98,9 @@ func runWrapped(ctx context.Context, bin, dir string, volume, ws, cache int64, w
 	for _, c := range wrappedCases {
 		if ctx.Err() != nil {
 			break
+		}
+		if only != "" && !slices.Contains(strings.Split(only, ","), c.id) {
+			continue
 		}
 		run := WrappedRun{Case: c.id, About: c.about, Contended: c.contended}
 		env := &benchEnv{writeboostBin: bin, exportSize: volume, cacheSize: cache}
