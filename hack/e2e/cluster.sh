@@ -328,6 +328,13 @@ down() {
 			runc --root "$R/runc/k8s.io" delete --force "$id" 2>/dev/null || true
 		done
 	fi
+	# The plugin's nbdfuse chains left the pods' cgroups on purpose (they
+	# outlive a plugin restart; pkg/attach/cgroup.go): kill them by theirs.
+	local g pid
+	for g in $(find /sys/fs/cgroup -maxdepth 4 -type d -name writeboost-csi-attach 2>/dev/null); do
+		[ -f "$g/cgroup.procs" ] || continue
+		for pid in $(cat "$g/cgroup.procs"); do kill -KILL "$pid" 2>/dev/null || true; done
+	done
 	stop containerd
 	# containerd's shims of our socket (they outlive containerd by design).
 	local pid
@@ -371,7 +378,10 @@ down() {
 			iptables -w -t "$t" -X "$c" 2>/dev/null || true
 		done
 	done
-	# The kubelet's pod cgroups.
+	# The kubelet's pod cgroups, and the plugin's attach cgroup.
+	for g in $(find /sys/fs/cgroup -maxdepth 4 -type d -name writeboost-csi-attach 2>/dev/null); do
+		rmdir "$g" 2>/dev/null || true
+	done
 	for d in /sys/fs/cgroup/*/kubepods; do
 		[ -d "$d" ] && find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null || true
 	done

@@ -39,8 +39,8 @@ import (
 // up to the dead-connection timeout: the filesystem survives
 // (TestFallbackRelaySurvivesServerKill). Either way nbdfuse and the relay
 // are a process chain of their own (own session, outside the attaching and
-// the serving process); killing them (a pod restart that takes the whole
-// process tree) still breaks the device. The relay costs throughput: it is
+// the serving process, and outside the plugin pod's cgroups: cgroup.go);
+// killing them still breaks the device. The relay costs throughput: it is
 // one connection where nbdfuse alone uses several (multi-conn), and one more
 // copy; measured against direct nbdfuse on nbdkit memory, 4K random I/O at
 // QD16 ran at 0.6-0.9x and 1 MiB sequential at QD4 at about 0.35x.
@@ -133,6 +133,14 @@ func attachFallback(ctx context.Context, o Options) (_ *Attachment, err error) {
 		}
 	}
 
+	// The relay is running once the file has appeared: nbdfuse and it can
+	// leave the pod's cgroups together (cgroup.go), so the device outlives
+	// a restart of the plugin's pod.
+	left := leavePodCgroups(processTree(cmd.Process.Pid))
+	if left != nil {
+		klog.ErrorS(left, "nbdfuse stays in the plugin's cgroups: the device will not survive a restart of the plugin's pod", "volumeID", o.VolumeID)
+	}
+
 	dev, how, err := loopSetup(ctx, st.BackingFile, o.ReadOnly)
 	if err != nil {
 		return nil, err
@@ -142,6 +150,9 @@ func attachFallback(ctx context.Context, o Options) (_ *Attachment, err error) {
 		st.Detail += ", through a reconnecting relay"
 	} else {
 		st.Detail += ", direct (does not survive a server restart)"
+	}
+	if left != nil {
+		st.Detail += ", in the plugin pod's cgroups (does not survive its restart)"
 	}
 	if err := saveState(o.StateDir, st); err != nil {
 		return nil, err

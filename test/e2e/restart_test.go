@@ -1,13 +1,13 @@
-//go:build e2e && e2e_restart
+//go:build e2e
 
-// Restarts of the plugin while a pod writes. Not in `make e2e` yet: on
-// this machine the kernel has no nbd, the plugin attaches volumes through
-// nbdfuse and a loop device, and that process chain runs inside the plugin
-// container, so deleting or restarting the plugin pod kills it and the
-// writer's mounted filesystem hangs (the new plugin re-adopts the volume on
-// a new loop device, which no mount uses). Run them with
-// `go test -tags 'e2e e2e_restart' ./test/e2e` against a cluster from
-// hack/e2e (they fail today on the fallback path).
+// Restarts of the plugin while a pod writes. On this machine the kernel has
+// no nbd: the plugin attaches volumes through nbdfuse, a reconnecting relay
+// and a loop device, a chain of processes that must outlive the plugin's
+// pod. They run in the host's PID namespace (the chart's hostPID) and leave
+// the pod's cgroups once started (pkg/attach/cgroup.go), so the runtime
+// does not kill them with the pod; the relay holds the writer's I/O until
+// the new plugin serves the volume again. Before that, deleting the plugin
+// pod killed the chain and the writer's filesystem hung.
 
 package e2e
 
