@@ -19,6 +19,11 @@ hostname wbvm
 ip link set lo up 2>/dev/null
 stty -F /dev/ttyS1 raw -echo
 export DM_DISABLE_UDEV=1 # no udev in the VM: device-mapper tools make the nodes
+# A working directory under /tmp lives on the host's /tmp (init kept it
+# at /run/host-tmp), not on the guest's own: bind it back at its path.
+case "$CWD" in
+/tmp/?*) mkdir -p "$CWD" && mount --bind "/run/host-tmp/${CWD#/tmp/}" "$CWD" ;;
+esac
 cd "$CWD" || cd /
 ("${VMCMD[@]}") </dev/null >/dev/ttyS1 2>&1
 rc=$?
