@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -45,8 +46,11 @@ func (s *nbdkitServer) start() {
 	if err := s.cmd.Start(); err != nil {
 		s.t.Fatalf("start nbdkit: %v", err)
 	}
+	// Wait for a connection, not for the socket file: nbdkit binds (the
+	// file appears) before it listens, and a dial in between is refused.
 	for i := 0; ; i++ {
-		if _, err := os.Stat(s.socket); err == nil {
+		if c, err := net.Dial("unix", s.socket); err == nil {
+			c.Close()
 			return
 		}
 		if i > 500 {
@@ -202,7 +206,8 @@ func startNbdkitB(b *testing.B, s *nbdkitServer) {
 	}
 	b.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
 	for i := 0; i < 500; i++ {
-		if _, err := os.Stat(s.socket); err == nil {
+		if c, err := net.Dial("unix", s.socket); err == nil {
+			c.Close()
 			return
 		}
 		time.Sleep(10 * time.Millisecond)
