@@ -7,24 +7,10 @@ import (
 	"fmt"
 	"os"
 	"sync/atomic"
-	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
-
-// Clock is the engine's source of time (for intervals and utilisation).
-// Clock is the engine's only source of time: intervals, utilisation and
-// the pacing of writes when the ring is nearly full.
-type Clock interface {
-	Now() time.Time
-	Sleep(d time.Duration)
-}
-
-type realClock struct{}
-
-func (realClock) Now() time.Time        { return time.Now() }
-func (realClock) Sleep(d time.Duration) { time.Sleep(d) }
 
 // BufferMemory holds the engine's RAM buffers: segments being filled and
 // segments waiting for the flusher, in their exact on-disk form, each after
