@@ -64,6 +64,8 @@ func (b *boot) phases() string {
 func guestMain(role string) int {
 	var err error
 	switch role {
+	case "reboot":
+		err = guestReboot()
 	case "powercut":
 		err = guestPowerCut()
 	default:
