@@ -67,3 +67,39 @@ func (c *Counting) Discard(off, length int64) error {
 	c.discardBytes.Add(length)
 	return nil
 }
+
+// Grower is implemented by devices whose size can go up while they are
+// open: the storage under them (a pool's file or logical volume) was
+// made bigger, and the device takes the new bytes.
+//
+// Grow makes Size at least size. It fails if the storage under the device
+// is smaller than size, and never shrinks the device. The bytes between
+// the old and the new size read as whatever the storage holds there: the
+// owner of the storage (pkg/pool) promises zeros, so that a grown volume
+// never shows another tenant's data. The new size is as durable as the
+// storage's own growth, which the owner makes durable before Grow.
+type Grower interface {
+	Grow(size int64) error
+}
+
+// Grow implements Grower by growing the wrapped device; it counts as a
+// write (an armed write fault fails it).
+func (f *Faulty) Grow(size int64) error {
+	if err := f.check(&f.mu.write, "grow"); err != nil {
+		return err
+	}
+	g, ok := f.d.(Grower)
+	if !ok {
+		return ErrUnsupported
+	}
+	return g.Grow(size)
+}
+
+// Grow implements Grower by growing the wrapped device.
+func (c *Counting) Grow(size int64) error {
+	g, ok := c.d.(Grower)
+	if !ok {
+		return ErrUnsupported
+	}
+	return g.Grow(size)
+}

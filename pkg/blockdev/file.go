@@ -32,9 +32,11 @@ const zeroChunk = 1 << 20
 
 // File is a Device backed by a regular file or a block device.
 type File struct {
-	path     string
-	f        *os.File
-	size     int64
+	path string
+	f    *os.File
+	// size only goes up, by Grow (a pool grew the file or volume under
+	// an open device).
+	size     atomic.Int64
 	blockDev bool
 	opts     FileOptions
 	// align is the O_DIRECT offset and length alignment, memAlign the
@@ -73,7 +75,7 @@ func OpenFile(path string, o FileOptions) (*File, error) {
 		f.Close()
 		return nil, err
 	}
-	klog.V(2).InfoS("Opened block device file", "path", path, "size", d.size, "blockDevice", d.blockDev,
+	klog.V(2).InfoS("Opened block device file", "path", path, "size", d.Size(), "blockDevice", d.blockDev,
 		"direct", o.Direct, "readOnly", o.ReadOnly, "directAlign", d.align, "directMemAlign", d.memAlign)
 	return d, nil
 }
@@ -89,25 +91,11 @@ func (d *File) probe() error {
 	}
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFREG:
-		d.size = int64(st.Size)
 	case unix.S_IFBLK:
 		d.blockDev = true
-		var size uint64
-		err := d.control(func(fd int) error {
-			_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.BLKGETSIZE64, uintptr(unsafe.Pointer(&size)))
-			if errno != 0 {
-				return errno
-			}
-			return nil
-		})
-		if err != nil {
-			return fmt.Errorf("blockdev: BLKGETSIZE64 %s: %w", d.path, err)
-		}
-		d.size = int64(size)
 	default:
 		return fmt.Errorf("blockdev: %s is neither a regular file nor a block device (mode %#o): %w", d.path, st.Mode, syscall.EINVAL)
 	}
-	d.size = d.size / SectorSize * SectorSize
 	if d.opts.Direct {
 		// Without the kernel's answer (STATX_DIOALIGN, Linux 6.1+), 4096
 		// satisfies every device we meet.
@@ -122,14 +110,67 @@ func (d *File) probe() error {
 			// even though open accepted O_DIRECT.
 			return fmt.Errorf("blockdev: open %s: the filesystem does not support O_DIRECT on this file; open without Direct: %w", d.path, syscall.EINVAL)
 		}
-		// A partial block at the end cannot be written with O_DIRECT
-		// (the aligned write would grow the file or fail); leave it out.
-		if tail := d.size % d.align; tail != 0 {
-			klog.InfoS("Direct I/O cannot use the partial block at the end; ignoring it", "path", d.path, "bytes", tail)
-			d.size -= tail
+	}
+	size, err := d.measure()
+	if err != nil {
+		return err
+	}
+	d.size.Store(size)
+	return nil
+}
+
+// measure reads the size of the file (BLKGETSIZE64 of a block device),
+// rounded down to a multiple of SectorSize and, with Direct, of the
+// O_DIRECT alignment: a partial block at the end cannot be written with
+// O_DIRECT (the aligned write would grow the file or fail), so it is left
+// out.
+func (d *File) measure() (int64, error) {
+	var size int64
+	if d.blockDev {
+		var n uint64
+		err := d.control(func(fd int) error {
+			_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.BLKGETSIZE64, uintptr(unsafe.Pointer(&n)))
+			if errno != 0 {
+				return errno
+			}
+			return nil
+		})
+		if err != nil {
+			return 0, fmt.Errorf("blockdev: BLKGETSIZE64 %s: %w", d.path, err)
+		}
+		size = int64(n)
+	} else {
+		fi, err := d.f.Stat()
+		if err != nil {
+			return 0, fmt.Errorf("blockdev: stat %s: %w", d.path, err)
+		}
+		size = fi.Size()
+	}
+	size = size / SectorSize * SectorSize
+	if tail := size % d.align; tail != 0 {
+		klog.InfoS("Direct I/O cannot use the partial block at the end; ignoring it", "path", d.path, "bytes", tail)
+		size -= tail
+	}
+	return size, nil
+}
+
+// Grow implements Grower: the file or block device was made bigger under
+// the open device (pool.Expand), and the device takes at least size bytes
+// of it. It refuses a size the storage does not have.
+func (d *File) Grow(size int64) error {
+	have, err := d.measure()
+	if err != nil {
+		return err
+	}
+	if size > have {
+		return fmt.Errorf("blockdev: grow %s to %d bytes: it has only %d: %w", d.path, size, have, syscall.EINVAL)
+	}
+	for {
+		cur := d.size.Load()
+		if have <= cur || d.size.CompareAndSwap(cur, have) {
+			return nil
 		}
 	}
-	return nil
 }
 
 // control runs fn with the file descriptor, holding it against Close.
@@ -149,14 +190,14 @@ func (d *File) control(fn func(fd int) error) error {
 func (d *File) Path() string { return d.path }
 
 // Size implements Device.
-func (d *File) Size() int64 { return d.size }
+func (d *File) Size() int64 { return d.size.Load() }
 
 // IsBlockDevice reports whether the file is a block device.
 func (d *File) IsBlockDevice() bool { return d.blockDev }
 
 func (d *File) check(op string, off, length int64) error {
-	if off < 0 || length < 0 || off > d.size || length > d.size-off {
-		return fmt.Errorf("blockdev: %s %s [%d, +%d) outside device of %d bytes: %w", op, d.path, off, length, d.size, syscall.EINVAL)
+	if size := d.size.Load(); off < 0 || length < 0 || off > size || length > size-off {
+		return fmt.Errorf("blockdev: %s %s [%d, +%d) outside device of %d bytes: %w", op, d.path, off, length, size, syscall.EINVAL)
 	}
 	return nil
 }

@@ -351,7 +351,7 @@ func TestFileDirectIgnoresPartialTail(t *testing.T) {
 	}
 	// Force 4 KiB alignment: the 512-byte tail is then out of reach.
 	d.align, d.memAlign = 4096, 4096
-	d.size = 64 << 10
+	d.size.Store(64 << 10)
 	mustWrite(t, d, fill(5, 512), 64<<10-512) // read-modify-write of the last whole block
 	if fi, _ := os.Stat(path); fi.Size() != 64<<10+512 {
 		t.Fatalf("file size changed to %d", fi.Size())

@@ -5,6 +5,7 @@ import (
 	"math/rand"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 )
 
@@ -200,7 +201,7 @@ type memWrite struct {
 // that tearing can be modelled at sector boundaries; misaligned requests
 // fail with EINVAL. Mem is safe for concurrent use.
 type Mem struct {
-	size int64
+	size atomic.Int64 // only goes up (Grow)
 	mu   struct {
 		sync.Mutex
 		pw      *Power
@@ -218,7 +219,8 @@ func NewMem(size int64, pw *Power) *Mem {
 	if size < 0 {
 		size = 0
 	}
-	m := &Mem{size: size / SectorSize * SectorSize}
+	m := &Mem{}
+	m.size.Store(size / SectorSize * SectorSize)
 	m.mu.pw = pw
 	m.mu.cur = pageMap{}
 	m.mu.durable = pageMap{}
@@ -235,8 +237,8 @@ func (m *Mem) AttachPower(pw *Power) {
 }
 
 func (m *Mem) check(op string, off, length int64, aligned bool) error {
-	if off < 0 || length < 0 || off > m.size || length > m.size-off {
-		return fmt.Errorf("blockdev: mem %s [%d, +%d) outside device of %d bytes: %w", op, off, length, m.size, syscall.EINVAL)
+	if size := m.size.Load(); off < 0 || length < 0 || off > size || length > size-off {
+		return fmt.Errorf("blockdev: mem %s [%d, +%d) outside device of %d bytes: %w", op, off, length, size, syscall.EINVAL)
 	}
 	if aligned && (off%SectorSize != 0 || length%SectorSize != 0) {
 		return fmt.Errorf("blockdev: mem %s [%d, +%d) not aligned to %d: %w", op, off, length, SectorSize, syscall.EINVAL)
@@ -325,7 +327,22 @@ func (m *Mem) Flush() error {
 }
 
 // Size implements Device.
-func (m *Mem) Size() int64 { return m.size }
+func (m *Mem) Size() int64 { return m.size.Load() }
+
+// Grow implements Grower: the device becomes size bytes (rounded down to
+// a multiple of SectorSize), the new range reading as zeros, as a pool's
+// grown file or volume does. The size is not subject to power: a crash
+// image keeps it, as a pool's allocation is durable before it returns.
+func (m *Mem) Grow(size int64) error {
+	size = size / SectorSize * SectorSize
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if size < m.size.Load() {
+		return fmt.Errorf("blockdev: mem grow to %d bytes: smaller than %d: %w", size, m.size.Load(), syscall.EINVAL)
+	}
+	m.size.Store(size)
+	return nil
+}
 
 // Close implements Device. A closed Mem can still produce crash images.
 func (m *Mem) Close() error {
@@ -352,7 +369,7 @@ func (m *Mem) CrashImage(mode CrashMode, rng *rand.Rand) *Mem {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	img := NewMem(m.size, nil)
+	img := NewMem(m.size.Load(), nil)
 	if mode == CrashKeepAll {
 		img.mu.cur = m.mu.cur.clone()
 		img.mu.durable = m.mu.cur.clone()

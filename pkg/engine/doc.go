@@ -129,6 +129,24 @@
 // backing device later, in place, in sorted runs. A later write wins over
 // both. See discard.go.
 //
+// # Growing
+//
+// A volume grows while it serves I/O (Grow, grow.go), or at Open when the
+// backing device is found bigger (Options.AllowBackingGrowth). The backing
+// device grows first (its owner, pkg/pool, makes the new range read as
+// zeros and the growth durable), then the superblock is rewritten with
+// the new backing size and a higher sequence, copy 1 then copy 0, each
+// made durable before the next; requests beyond the old end are accepted
+// only after that. The backing size is the only thing that changes: the
+// log, the checkpoints and the index do not depend on it. A crash during a
+// grow therefore recovers the old size or the new one (the superblock
+// copy with the higher valid sequence), never a mix, and the grown range
+// reads zeros until written. Recovered at the old size, the volume sees a
+// bigger backing device than its superblock names and is refused with
+// ErrBackingSize unless growth is allowed, which finishes the grow.
+// TestGrowCrashSweep crashes at every device write of a grow and of the
+// I/O after it.
+//
 // # What is not kept across an open
 //
 // The read cache (read_cache_threshold) is rebuilt from scratch: clean

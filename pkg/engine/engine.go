@@ -57,9 +57,9 @@ type Engine struct {
 	tag   uint32
 	epoch uint32
 	boot  [16]byte
-	nd    int    // data blocks per segment
-	nseg  uint64 // segments in the ring
-	size  int64  // bytes exposed (the backing size)
+	nd    int          // data blocks per segment
+	nseg  uint64       // segments in the ring
+	size  atomic.Int64 // bytes exposed (the backing size); only goes up (grow.go)
 
 	mem    BufferMemory
 	ownMem bool
@@ -76,6 +76,10 @@ type Engine struct {
 	// wbScratchBytes is cap(wbScratch), for Status (memory.go).
 	wbScratchBytes scratchCounter
 	noFill         bool // tests: no gap filling (writeback.go)
+
+	// growMu serialises Grow calls (grow.go): each rewrites the
+	// superblock from the copy on the device.
+	growMu sync.Mutex
 
 	// ckptMu serialises checkpoint writes with the cache flush that makes
 	// each durable, so the two alternating slots are never both unsynced.
@@ -156,11 +160,11 @@ type Engine struct {
 func (e *Engine) owedLocked() bool { return e.mu.nrDirty > 0 || len(e.mu.discards) > 0 }
 
 // Size is the size of the cached device in bytes.
-func (e *Engine) Size() int64 { return e.size }
+func (e *Engine) Size() int64 { return e.size.Load() }
 
 func (e *Engine) checkRange(off int64, n int64) error {
-	if off < 0 || n < 0 || off+n > e.size {
-		return fmt.Errorf("%w: offset %d length %d, device size %d", ErrOutOfRange, off, n, e.size)
+	if size := e.size.Load(); off < 0 || n < 0 || off+n > size {
+		return fmt.Errorf("%w: offset %d length %d, device size %d", ErrOutOfRange, off, n, size)
 	}
 	if off%sectorSize != 0 || n%sectorSize != 0 {
 		return fmt.Errorf("%w: offset %d length %d", ErrUnaligned, off, n)

@@ -80,7 +80,7 @@ func (e *Engine) openSuperblock(opts Options) error {
 	e.tag = layout.Tag(sb.UUID)
 	e.nd = e.geo.DataBlocks()
 	e.nseg = e.geo.NrSegments
-	e.size = int64(sb.BackingSize)
+	e.size.Store(int64(sb.BackingSize))
 	return nil
 }
 

@@ -29,7 +29,7 @@ func (e *Engine) Status() Status {
 		CacheIOErrors:         e.mu.cacheErrors,
 		BackingIOErrors:       e.mu.backingErrors,
 		CacheSize:             int64(e.sb.CacheSize),
-		BackingSize:           e.size,
+		BackingSize:           e.size.Load(),
 		SegmentSize:           e.geo.SegmentSize,
 		UUID:                  formatUUID(e.uuid),
 		Tunables:              e.mu.tunables,

@@ -47,7 +47,10 @@
 // copies are written one after the other, each made durable before the
 // next, so a torn write can damage only one; the valid copy with the
 // higher sequence wins (ChooseSuperblock). Sequence bumps only when the
-// superblock is rewritten (for example when the backing device grows).
+// superblock is rewritten: when the backing device grows (offline at open,
+// or live: the size of the backing device field is the only one that
+// changes, and only upward; pkg/engine's grow.go), or when the format
+// version is raised.
 //
 //	| off  | size | field                                                 |
 //	|------|------|-------------------------------------------------------|
