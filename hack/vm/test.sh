@@ -12,7 +12,8 @@
 # VM_RACE=1 (build with -race), VM_RUN (a -test.run regexp, default
 # ^TestKernel), VM_PKGS (space-separated packages for the shared boot
 # instead of all; "none": no shared boot), VM_HOST_PKGS (the same for the
-# host-driven packages), WRITEBOOST_CACHE_DIR. test/kernel's knobs
+# host-driven packages), VM_TEST_OUT (where binaries and logs go, default
+# CACHE/vm-test: give concurrent runs their own), WRITEBOOST_CACHE_DIR. test/kernel's knobs
 # (WRITEBOOST_POWERCUT_SEED, WRITEBOOST_POWERCUT_CUTS) pass through.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -31,7 +32,7 @@ if [ -n "${VM_HOST_PKGS:-}" ]; then hostpkgs=($VM_HOST_PKGS); fi
 
 cache="${WRITEBOOST_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/writeboost-csi}"
 # Not under /tmp: the guest's /tmp is its own.
-out="$cache/vm-test"
+out="${VM_TEST_OUT:-$cache/vm-test}"
 rm -rf "$out"
 mkdir -p "$out/bin"
 race=()

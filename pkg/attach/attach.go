@@ -91,7 +91,8 @@ type Options struct {
 
 // relayArgs are the arguments appended to Options.RelayCommand.
 func relayArgs(o Options) []string {
-	return []string{"--socket", o.Socket, "--export", o.Export, "--dead-conn-timeout", o.DeadConnTimeout.String()}
+	return []string{"--socket", o.Socket, "--export", o.Export, "--dead-conn-timeout", o.DeadConnTimeout.String(),
+		"--ceiling", strconv.FormatUint(FallbackCeiling, 10)}
 }
 
 func (o Options) handshakeTimeout() time.Duration {

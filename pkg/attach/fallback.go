@@ -44,6 +44,15 @@ import (
 // one connection where nbdfuse alone uses several (multi-conn), and one more
 // copy; measured against direct nbdfuse on nbdkit memory, 4K random I/O at
 // QD16 ran at 0.6-0.9x and 1 MiB sequential at QD4 at about 0.35x.
+//
+// Growing a volume live (Resize): nbdfuse fixes its file's size when it
+// starts, so through the relay it is told a size of FallbackCeiling, far
+// beyond any volume, and the loop device is bounded by its sizelimit to
+// the volume's size: the pod never sees a byte beyond it. Resize raises
+// the sizelimit (LOOP_SET_STATUS64, then LOOP_SET_CAPACITY) once the
+// engine has grown. The sizelimit lives in the kernel's loop device, so it
+// survives a restart of the plugin; the record keeps the ceiling. Direct
+// nbdfuse (no relay) sees the export's own size and cannot grow live.
 
 const diskFile = "disk"
 
@@ -74,7 +83,10 @@ func attachFallback(ctx context.Context, o Options) (_ *Attachment, err error) {
 	if err := os.MkdirAll(mnt, 0o700); err != nil {
 		return nil, fmt.Errorf("fuse mount dir: %w", err)
 	}
-	st := &state{MountDir: mnt, BackingFile: filepath.Join(mnt, diskFile)}
+	st := &state{MountDir: mnt, BackingFile: filepath.Join(mnt, diskFile), Ceiling: int64(info.Size)}
+	if len(o.RelayCommand) > 0 {
+		st.Ceiling = int64(max(info.Size, FallbackCeiling))
+	}
 	st.Attachment = Attachment{
 		Method: MethodFallback, VolumeID: o.VolumeID, Socket: o.Socket, Export: o.Export,
 		Size: int64(info.Size), Flags: info.Flags,
@@ -117,7 +129,7 @@ func attachFallback(ctx context.Context, o Options) (_ *Attachment, err error) {
 
 	deadline := time.Now().Add(o.handshakeTimeout())
 	for {
-		if fi, err := os.Stat(st.BackingFile); err == nil && fi.Size() == int64(info.Size) {
+		if fi, err := os.Stat(st.BackingFile); err == nil && fi.Size() == st.Ceiling {
 			break
 		}
 		select {
@@ -141,11 +153,16 @@ func attachFallback(ctx context.Context, o Options) (_ *Attachment, err error) {
 		klog.ErrorS(left, "nbdfuse stays in the plugin's cgroups: the device will not survive a restart of the plugin's pod", "volumeID", o.VolumeID)
 	}
 
-	dev, how, err := loopSetup(ctx, st.BackingFile, o.ReadOnly)
+	dev, how, err := loopSetup(ctx, st.BackingFile, int64(info.Size), o.ReadOnly)
 	if err != nil {
 		return nil, err
 	}
 	st.Device, st.Detail = dev, how
+	// The file may be the ceiling: never hand out a device bigger than
+	// the volume.
+	if got, err := deviceSize(filepath.Base(dev)); err != nil || got != int64(info.Size) {
+		return nil, fmt.Errorf("loop device %s over %s: %d bytes (%v), want the volume's %d", dev, st.BackingFile, got, err, info.Size)
+	}
 	if len(o.RelayCommand) > 0 {
 		st.Detail += ", through a reconnecting relay"
 	} else {
@@ -162,10 +179,11 @@ func attachFallback(ctx context.Context, o Options) (_ *Attachment, err error) {
 	return &a, nil
 }
 
-// loopSetup puts a loop device over file: direct I/O (no second page cache
-// between the filesystem and the server) and 4096-byte sectors (the engine's
-// block) where the kernel accepts them, else what it does accept.
-func loopSetup(ctx context.Context, file string, readOnly bool) (dev, how string, err error) {
+// loopSetup puts a loop device of size bytes over file (its sizelimit:
+// the file may be bigger, up to the ceiling): direct I/O (no second page
+// cache between the filesystem and the server) and 4096-byte sectors (the
+// engine's block) where the kernel accepts them, else what it does accept.
+func loopSetup(ctx context.Context, file string, size int64, readOnly bool) (dev, how string, err error) {
 	tries := []struct {
 		how  string
 		args []string
@@ -176,7 +194,7 @@ func loopSetup(ctx context.Context, file string, readOnly bool) (dev, how string
 	}
 	var errs []error
 	for _, t := range tries {
-		args := append([]string{"--find", "--show"}, t.args...)
+		args := append([]string{"--find", "--show", "--sizelimit", strconv.FormatInt(size, 10)}, t.args...)
 		if readOnly {
 			args = append(args, "--read-only")
 		}

@@ -183,9 +183,11 @@ func reattachNetlink(ctx context.Context, nl *nlClient, volumeID string, dial Di
 	}
 	defer closeAll(conns)
 	size, err := deviceSize("nbd" + strconv.Itoa(idx))
-	if err == nil && size != 0 && uint64(size) != info.Size {
-		// Another export (or a resized one) behind the same id: refuse rather
-		// than show the filesystem above a different disk.
+	if err == nil && size != 0 && uint64(size) > info.Size {
+		// Another export (or a shrunk one) behind the same id: refuse
+		// rather than show the filesystem above a different disk. A
+		// bigger export is this volume grown while its server was away:
+		// the device takes the new size after the sockets.
 		return nil, fmt.Errorf("nbd%d has %d bytes, the export now has %d: refusing to reattach", idx, size, info.Size)
 	}
 	files, err := socketFDs(conns)
@@ -198,6 +200,12 @@ func reattachNetlink(ctx context.Context, nl *nlClient, volumeID string, dial Di
 		TimeoutSec: secondsCeil(timeout), DeadConnSec: secondsCeil(deadConn),
 	}); err != nil {
 		return nil, err
+	}
+	if err == nil && size != 0 && uint64(size) < info.Size {
+		if err := nl.resize(idx, info.Size, volumeID); err != nil {
+			return nil, err
+		}
+		klog.InfoS("Reattached device grown to the export's size", "device", "nbd"+strconv.Itoa(idx), "from", size, "to", info.Size)
 	}
 	return &Attachment{
 		Device: "/dev/nbd" + strconv.Itoa(idx), Method: MethodNetlink, VolumeID: volumeID,

@@ -120,6 +120,24 @@ func encodeConnectAttrs(r connectRequest) ([]byte, error) {
 	return ae.Encode()
 }
 
+// encodeResizeAttrs encodes a RECONFIGURE that only changes the size:
+// the index, the new size and the backend (which RECONFIGURE must repeat).
+func encodeResizeAttrs(index int, size uint64, backend string) ([]byte, error) {
+	if index < 0 || index > math.MaxInt32 {
+		return nil, fmt.Errorf("nbd netlink: index %d out of range", index)
+	}
+	if size == 0 {
+		return nil, errors.New("nbd netlink: size must be positive")
+	}
+	ae := netlink.NewAttributeEncoder()
+	ae.Uint32(nbdAttrIndex, uint32(index))
+	ae.Uint64(nbdAttrSizeBytes, size)
+	if backend != "" {
+		ae.String(nbdAttrBackend, backend)
+	}
+	return ae.Encode()
+}
+
 // encodeIndexAttrs encodes a lone NBD_ATTR_INDEX (DISCONNECT, STATUS).
 func encodeIndexAttrs(index int) ([]byte, error) {
 	if index < 0 || index > math.MaxInt32 {
@@ -268,6 +286,19 @@ func (c *nlClient) reconfigure(r connectRequest) error {
 	}
 	if _, err := c.do(nbdCmdReconfigure, attrs, netlink.Request|netlink.Acknowledge); err != nil {
 		return fmt.Errorf("nbd netlink RECONFIGURE nbd%d: %w", r.Index, err)
+	}
+	return nil
+}
+
+// resize sends RECONFIGURE with a new NBD_ATTR_SIZE_BYTES and no
+// sockets: the kernel sets the live device's capacity (nbd_genl_size_set).
+func (c *nlClient) resize(index int, size uint64, backend string) error {
+	attrs, err := encodeResizeAttrs(index, size, backend)
+	if err != nil {
+		return err
+	}
+	if _, err := c.do(nbdCmdReconfigure, attrs, netlink.Request|netlink.Acknowledge); err != nil {
+		return fmt.Errorf("nbd netlink RECONFIGURE nbd%d size %d: %w", index, size, err)
 	}
 	return nil
 }

@@ -57,6 +57,11 @@ type relay struct {
 	dial     func(timeout time.Duration) (net.Conn, nbdproto.ExportInfo, error)
 	deadConn time.Duration
 	info     nbdproto.ExportInfo
+	// ceiling, when above the export's size, is the size advertised to
+	// nbdfuse instead: its file then never needs to change size when the
+	// volume grows, and the loop device above it is bounded by its
+	// sizelimit to the volume's size (fallback.go).
+	ceiling uint64
 
 	downMu sync.Mutex // serialises replies to downstream
 	upW    sync.Mutex // serialises requests to upstream (held without mu)
@@ -73,8 +78,10 @@ type relay struct {
 
 // ServeRelay runs the relay on down (nbdfuse's end, e.g. stdin+stdout) for
 // export on the unix socket until down closes or the server stays away
-// longer than deadConn.
-func ServeRelay(ctx context.Context, down io.ReadWriter, socket, export string, deadConn time.Duration) error {
+// longer than deadConn. A ceiling above the export's size is advertised
+// downstream in its place (0: the export's size); the server may come
+// back from a restart bigger (a grown volume) but never smaller.
+func ServeRelay(ctx context.Context, down io.ReadWriter, socket, export string, deadConn time.Duration, ceiling uint64) error {
 	if deadConn <= 0 {
 		deadConn = 2 * time.Minute
 	}
@@ -88,7 +95,8 @@ func ServeRelay(ctx context.Context, down io.ReadWriter, socket, export string, 
 			}
 			return c, info, err
 		},
-		broken: make(chan int, 1),
+		broken:  make(chan int, 1),
+		ceiling: ceiling,
 	}
 	r.mu.inflight = map[uint64]*relayReq{}
 	setSocketBuffers(down)
@@ -158,7 +166,7 @@ func (r *relay) serverHandshake() error {
 		switch opt {
 		case nbdproto.OptGo, nbdproto.OptInfo:
 			body := binary.BigEndian.AppendUint16(nil, nbdproto.InfoExport)
-			body = binary.BigEndian.AppendUint64(body, r.info.Size)
+			body = binary.BigEndian.AppendUint64(body, max(r.info.Size, r.ceiling))
 			body = binary.BigEndian.AppendUint16(body, relayFlags(r.info.Flags))
 			if err := reply(nbdproto.RepInfo, body); err != nil {
 				return err
@@ -346,13 +354,14 @@ func (r *relay) reconnector(ctx context.Context) error {
 				t = 10 * time.Millisecond
 			}
 			c, info, err := r.dial(t)
-			if err == nil && (info.Size != r.info.Size || relayFlags(info.Flags)&^relayFlags(r.info.Flags) != 0 ||
+			if err == nil && (info.Size < r.info.Size || relayFlags(info.Flags)&^relayFlags(r.info.Flags) != 0 ||
 				relayFlags(r.info.Flags)&^relayFlags(info.Flags) != 0) {
 				c.Close()
 				return fmt.Errorf("relay: the server came back with size %d flags %#x, was %d %#x", info.Size, info.Flags, r.info.Size, r.info.Flags)
 			}
 			if err == nil {
 				up = c
+				r.info.Size = info.Size // grown, perhaps: the new floor
 				break
 			}
 			if time.Now().After(deadline) {

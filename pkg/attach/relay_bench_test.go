@@ -34,7 +34,7 @@ func BenchmarkRelayWrite(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	go ServeRelay(context.Background(), relayEnd, sock, "", time.Minute)
+	go ServeRelay(context.Background(), relayEnd, sock, "", time.Minute, 0)
 	if _, err := handshake(cli, "", time.Now().Add(5*time.Second)); err != nil {
 		b.Fatal(err)
 	}

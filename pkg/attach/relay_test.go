@@ -112,7 +112,7 @@ func TestRelayResendsAfterServerLoss(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	relayErr := make(chan error, 1)
-	go func() { relayErr <- ServeRelay(ctx, down, sock, "", 10*time.Second) }()
+	go func() { relayErr <- ServeRelay(ctx, down, sock, "", 10*time.Second, 0) }()
 
 	info, err := handshake(cli, "anything", time.Now().Add(5*time.Second))
 	if err != nil {
@@ -165,7 +165,7 @@ func TestRelayGivesUp(t *testing.T) {
 	cli, down := net.Pipe()
 	defer cli.Close()
 	relayErr := make(chan error, 1)
-	go func() { relayErr <- ServeRelay(context.Background(), down, sock, "", 300*time.Millisecond) }()
+	go func() { relayErr <- ServeRelay(context.Background(), down, sock, "", 300*time.Millisecond, 0) }()
 	if _, err := handshake(cli, "", time.Now().Add(5*time.Second)); err != nil {
 		t.Fatal(err)
 	}
@@ -208,7 +208,7 @@ func TestRelayRejectsChangedServer(t *testing.T) {
 	cli, down := net.Pipe()
 	defer cli.Close()
 	relayErr := make(chan error, 1)
-	go func() { relayErr <- ServeRelay(context.Background(), down, sock, "", 5*time.Second) }()
+	go func() { relayErr <- ServeRelay(context.Background(), down, sock, "", 5*time.Second, 0) }()
 	if _, err := handshake(cli, "", time.Now().Add(5*time.Second)); err != nil {
 		t.Fatal(err)
 	}
@@ -230,7 +230,7 @@ func TestRelayRefusesOtherOptions(t *testing.T) {
 	sock := fakeUpstream(t, nbdproto.FlagHasFlags|nbdproto.FlagSendFlush, func(c net.Conn) { io.Copy(io.Discard, c) })
 	cli, down := net.Pipe()
 	defer cli.Close()
-	go ServeRelay(context.Background(), down, sock, "", time.Second)
+	go ServeRelay(context.Background(), down, sock, "", time.Second, 0)
 	cli.SetDeadline(time.Now().Add(5 * time.Second))
 	var g [18]byte
 	if _, err := io.ReadFull(cli, g[:]); err != nil {

@@ -20,6 +20,7 @@ const RelayCommandName = "nbd-relay"
 func NewRelayCommand() *cobra.Command {
 	var socket, export string
 	var deadConn time.Duration
+	var ceiling uint64
 	cmd := &cobra.Command{
 		Use:    RelayCommandName + " --socket PATH",
 		Short:  "Relay NBD between stdin/stdout and a server, reconnecting across its restarts (used by attach)",
@@ -32,13 +33,14 @@ func NewRelayCommand() *cobra.Command {
 			if ctx == nil {
 				ctx = context.Background()
 			}
-			return ServeRelay(ctx, RelayStdio(), socket, export, deadConn)
+			return ServeRelay(ctx, RelayStdio(), socket, export, deadConn, ceiling)
 		},
 	}
 	fl := cmd.Flags()
 	fl.StringVar(&socket, "socket", "", "NBD server's unix socket (required)")
 	fl.StringVar(&export, "export", "", "export name")
 	fl.DurationVar(&deadConn, "dead-conn-timeout", 2*time.Minute, "how long to keep redialling a vanished server before failing")
+	fl.Uint64Var(&ceiling, "ceiling", 0, "size to advertise when above the export's (the fallback's room to grow); 0: the export's size")
 	_ = cmd.MarkFlagRequired("socket")
 	return cmd
 }

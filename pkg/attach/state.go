@@ -21,6 +21,10 @@ type state struct {
 	MountDir    string `json:"mountDir,omitempty"`
 	BackingFile string `json:"backingFile,omitempty"`
 	NbdfusePID  int    `json:"nbdfusePid,omitempty"`
+	// Ceiling is the size of nbdfuse's file: the most the loop device's
+	// sizelimit can grow to without a new attach (Resize). 0 in records
+	// made before online growth: such a device cannot grow.
+	Ceiling int64 `json:"ceiling,omitempty"`
 }
 
 // stateName maps a volume id to a file name; ids may hold characters that

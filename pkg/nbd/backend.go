@@ -68,7 +68,6 @@ type Export struct {
 // exportState is an Export with its capabilities resolved once.
 type exportState struct {
 	Export
-	size      uint64
 	flags     uint16
 	flusher   Flusher
 	fua       FUAWriter
@@ -81,7 +80,7 @@ type exportState struct {
 }
 
 func newExportState(e Export) *exportState {
-	st := &exportState{Export: e, size: uint64(e.Backend.Size())}
+	st := &exportState{Export: e}
 	flags := FlagHasFlags
 	if f, ok := e.Backend.(Flusher); ok {
 		st.flusher = f
@@ -122,6 +121,12 @@ func newExportState(e Export) *exportState {
 	st.maxLength = MaxPayload
 	return st
 }
+
+// size is the export's size now: a backend may grow while served (the
+// engine's Grow), and a connection then addresses the new range, as the
+// kernel's device does once resized. A client sees the size of its
+// handshake until it resizes its device.
+func (st *exportState) size() uint64 { return uint64(max(st.Backend.Size(), 0)) }
 
 // Flags returns the transmission flags an export with this configuration
 // advertises (for callers that configure a kernel client themselves).

@@ -257,7 +257,7 @@ func (c *conn) check(req nbdproto.Request) uint32 {
 	if (req.Type == nbdproto.CmdTrim && exp.trimmer == nil) || (req.Type == nbdproto.CmdWriteZeroes && exp.zeroer == nil) {
 		return nbdproto.ErrInval
 	}
-	if req.Offset > exp.size || uint64(req.Length) > exp.size-req.Offset {
+	if size := exp.size(); req.Offset > size || uint64(req.Length) > size-req.Offset {
 		// The spec: ENOSPC for writes beyond the end, EINVAL for reads and trims.
 		if req.Type == nbdproto.CmdWrite || req.Type == nbdproto.CmdWriteZeroes {
 			return nbdproto.ErrNoSpc

@@ -80,7 +80,7 @@ func handshake(src exportSource, br *bufio.Reader, bw *bufio.Writer) (*exportSta
 				return nil, fmt.Errorf("unknown export %q", payload)
 			}
 			var b [8 + 2 + 124]byte
-			binary.BigEndian.PutUint64(b[0:8], exp.size)
+			binary.BigEndian.PutUint64(b[0:8], exp.size())
 			binary.BigEndian.PutUint16(b[8:10], exp.flags)
 			out := b[:]
 			if noZeroes {
@@ -161,7 +161,7 @@ func replyInfo(src exportSource, bw *bufio.Writer, opt uint32, p []byte) (*expor
 	}
 	var b [18]byte
 	binary.BigEndian.PutUint16(b[0:2], nbdproto.InfoExport)
-	binary.BigEndian.PutUint64(b[2:10], exp.size)
+	binary.BigEndian.PutUint64(b[2:10], exp.size())
 	binary.BigEndian.PutUint16(b[10:12], exp.flags)
 	if err := optReply(bw, opt, nbdproto.RepInfo, b[:12]); err != nil {
 		return nil, err
