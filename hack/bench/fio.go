@@ -60,7 +60,7 @@ type EngineSnapshot struct {
 	PacedWrites           uint64         `json:"paced_writes"`
 	WritebackBytes        uint64         `json:"writeback_bytes"`
 	WritebackFilledBlocks uint64         `json:"writeback_filled_blocks"`
-	Cleaning              EngineCleaning `json:"cleaning"`
+	Cleaning              EngineCleaning `json:"cleaning,omitzero"`
 	Stat                  struct {
 		ReadHitBufferFull  uint64 `json:"read_hit_buffer_full"`
 		ReadHitCacheFull   uint64 `json:"read_hit_cache_full"`

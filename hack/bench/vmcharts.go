@@ -127,6 +127,10 @@ func vmTimeline(r *VMResults, job, path string) error {
 	if !math.IsInf(lo, 1) {
 		// Room above the lines for the legend.
 		p.Y.Min, p.Y.Max = lo/1.5, hi*6
+	} else {
+		// No system ran the job (a partial run): an empty chart, not
+		// gonum's panic on a log axis from 0 to 0.
+		p.Y.Min, p.Y.Max = 1, 10
 	}
 	p.Legend.Top = true
 	p.Add(plotter.NewGrid())

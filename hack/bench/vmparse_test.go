@@ -147,3 +147,16 @@ func TestWriteMBR(t *testing.T) {
 		}
 	}
 }
+
+func TestBcacheBucket(t *testing.T) {
+	for _, c := range []struct{ size, want int64 }{
+		{32 << 20, 32 << 10}, // 512 buckets of 64 KiB: refused by the kernel
+		{64 << 20, 64 << 10},
+		{1 << 30, 64 << 10},
+		{1 << 20, 4 << 10},
+	} {
+		if got := bcacheBucket(c.size); got != c.want {
+			t.Errorf("bcacheBucket(%d) = %d, want %d", c.size, got, c.want)
+		}
+	}
+}

@@ -67,7 +67,7 @@ type vmDev struct {
 var vmSystems = []VMSystem{
 	{ID: "dmwb", Name: "dm-writeboost", About: "dm-writeboost 2.2.17 (Debian's dm-writeboost-dkms built against the VM kernel's headers), `writeback_threshold 70` like writeboost's default (its own default, 0, turns background writeback off)", setup: setupDMWriteboost},
 	{ID: "dmwc", Name: "dm-writecache", About: "dm-writecache in ssd mode, 4 KiB blocks, default watermarks (writeback from 50 % used)", setup: setupDMWritecache},
-	{ID: "bcache", Name: "bcache", About: "bcache (bcache-tools), writeback mode, 64 KiB buckets; `sequential_cutoff 0` and the congestion thresholds 0, so it caches every write like the others instead of sending sequential or slow-cache writes to the HDD", setup: setupBcache},
+	{ID: "bcache", Name: "bcache", About: "bcache (bcache-tools), writeback mode, 4 KiB blocks, buckets of at most 64 KiB and small enough for 1024 of them (32 KiB on a 32 MiB cache: the kernel refuses a cache of 512 buckets or fewer); `sequential_cutoff 0` and the congestion thresholds 0, so it caches every write like the others instead of sending sequential or slow-cache writes to the HDD", setup: setupBcache},
 	{ID: "wbk", Name: "writeboost", About: "`writeboost serve --direct` (cache device opened with O_DIRECT, default tunables; serve opens its backing device through the page cache, which has no O_DIRECT flag) attached through the kernel's nbd driver by `writeboost attach` (netlink)", setup: setupWriteboost("")},
 	{ID: "wbf", Name: "writeboost, nbdfuse", About: "the same server attached by the fallback path (`attach --method nbdfuse-loop`: nbdfuse + a loop device), for reference", NoSustained: true, setup: setupWriteboost("nbdfuse-loop")},
 	{ID: "cache", Name: "cache device, raw", About: "the cache device alone (a loop device on the VM's tmpfs): the ceiling", Ref: true, RefJobs: []string{"seq1m", "qd1", "qd32", "fsync", "mix"}, setup: setupRawCache},
@@ -300,6 +300,20 @@ func setupDMWritecache(ctx context.Context, v *vmEnv, d vmDevices, o setupOpts) 
 	}, nil
 }
 
+// bcacheBucket is the bucket size for a bcache cache of size bytes: 64
+// KiB, halved (down to 4 KiB) until the cache holds at least 1024 buckets.
+// The kernel refuses a cache of 512 buckets or fewer with EPERM
+// (cache_alloc: "ca->sb.nbuckets is too small": its free list is
+// roundup_pow_of_two(nbuckets) >> 10 long and must not be empty), and
+// make-bcache does not check.
+func bcacheBucket(size int64) int64 {
+	b := int64(64 << 10)
+	for b > 4<<10 && size/b < 1024 {
+		b /= 2
+	}
+	return b
+}
+
 // bcacheDevFor finds the bcache device whose backing device is hdd.
 func bcacheDevFor(hdd string) (string, error) {
 	matches, _ := filepath.Glob("/sys/block/bcache*/slaves/" + filepath.Base(hdd))
@@ -316,14 +330,22 @@ func setupBcache(ctx context.Context, v *vmEnv, d vmDevices, o setupOpts) (*vmDe
 				return nil, err
 			}
 		}
-		if _, err := sh(ctx, "make-bcache", "--writeback", "-b", "64k", "-w", "4k", "-C", d.Cache, "-B", d.HDD); err != nil {
+		size, err := devSize(d.Cache)
+		if err != nil {
+			return nil, err
+		}
+		bucket := bcacheBucket(size)
+		if _, err := sh(ctx, "make-bcache", "--writeback", "-b", strconv.FormatInt(bucket>>10, 10)+"k", "-w", "4k", "-C", d.Cache, "-B", d.HDD); err != nil {
 			return nil, err
 		}
 	}
 	for _, dev := range []string{d.Cache, d.HDD} {
-		// "already registered" after make-bcache's own probe is fine.
-		if err := writeSysfs("/sys/fs/bcache/register", dev); err != nil {
-			klog.InfoS("bcache register", "device", dev, "err", err)
+		// register_quiet succeeds on a device already registered (a
+		// udev rule's bcache-register may have been first) and fails on
+		// anything else: a cache of too few buckets is EPERM, with
+		// the reason only in the kernel log.
+		if err := writeSysfs("/sys/fs/bcache/register_quiet", dev); err != nil {
+			return nil, fmt.Errorf("bcache register (the kernel log says why): %w", err)
 		}
 	}
 	var bdev string
