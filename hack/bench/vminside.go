@@ -192,7 +192,11 @@ type VMPhase struct {
 	// Profiles["wbk/qd32"] is perf's whole-VM profile of an extra run of
 	// a job: CPU share by process and object, and the top symbols.
 	Profiles map[string]string `json:"profiles,omitempty"`
-	Errors   []string          `json:"errors,omitempty"`
+	// EngineAlone["qd1"] is writeboost's engine called in-process on the
+	// same kind of fresh devices, no NBD in between: the server-side time
+	// per request (vmengine.go).
+	EngineAlone map[string]VMEngineAlone `json:"engine_alone,omitempty"`
+	Errors      []string                 `json:"errors,omitempty"`
 }
 
 func newPhase(o vmOpts) *VMPhase {
@@ -486,6 +490,9 @@ func vmPhaseMain(ctx context.Context, v *vmEnv, o vmOpts) error {
 			}
 		}
 		_ = p.save(o.out, "main.json")
+	}
+	if o.want("wbk") {
+		p.EngineAlone = vmEngineAlone(ctx, v, o)
 	}
 	return p.save(o.out, "main.json")
 }

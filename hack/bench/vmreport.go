@@ -224,9 +224,9 @@ func vmWhy(r *VMResults, id string) string {
 		}
 		return qd1Breakdown(r)
 	case id == "vm-qd32-dmwb":
-		return cpuNote(r, "qd32")
+		return lostReason(r, "qd32")
 	case strings.HasPrefix(id, "vm-fsync-"):
-		return qd1Breakdown(r) + "; " + cpuNote(r, "fsync")
+		return lostReason(r, "fsync")
 	case strings.HasPrefix(id, "vm-sus"):
 		job := strings.Split(id, "-")[1]
 		return sustainedNote(r, job)
@@ -247,6 +247,14 @@ func qd1Breakdown(r *VMResults) string {
 	if !math.IsNaN(kit) && !math.IsNaN(ours) {
 		s += fmt.Sprintf("; the kernel NBD round trip alone (nbdkit memory) took %.0f µs (%.0f %% of writeboost's), pkg/nbd over RAM %.0f µs, so the engine adds %.0f µs",
 			kit, 100*kit/wb, ours, wb-ours)
+	}
+	if ea, ok := r.Main.EngineAlone["qd1"]; ok && ea.Error == "" && ea.IOPS > 0 {
+		eng := 1e6 / ea.IOPS
+		s += fmt.Sprintf("; the engine alone (in-process on the same kind of devices, no NBD) took %.0f µs per write, so %.0f µs (%.0f %%) of writeboost's request is the NBD path (kernel nbd, socket, pkg/nbd, wake-ups)",
+			eng, wb-eng, 100*(wb-eng)/wb)
+		if !math.IsNaN(kit) {
+			s += fmt.Sprintf("; nbdkit's round trip over RAM is the floor a userspace target pays, so at most %.0f µs (%.0f %%) is ours to remove", math.Max(wb-kit, 0), 100*math.Max(wb-kit, 0)/wb)
+		}
 	}
 	if x, ok := r.get("qd1", "wbk"); ok && x.IOs() > 0 {
 		s += fmt.Sprintf("; the server used %.0f µs of CPU per request (%.0f user, %.0f kernel)",
@@ -523,6 +531,26 @@ func renderVMSection(r *VMResults, charts []string) string {
 		p("\n")
 	}
 
+	p("### Where writeboost loses, and why\n\n")
+	lost := false
+	for _, j := range vmJobs {
+		var behind []string
+		for _, peer := range peers {
+			if v := r.ratio(j.ID, "wbk", peer); v < 1 {
+				behind = append(behind, fmt.Sprintf("%s × %s", fmtRatio(v, "x"), vmSysName(peer)))
+			}
+		}
+		if len(behind) == 0 {
+			continue
+		}
+		lost = true
+		p("- **%s** (%s): %s.\n", j.Title, strings.Join(behind, ", "), lostReason(r, j.ID))
+	}
+	if !lost {
+		p("No job of this run: writeboost is at or ahead of every peer that ran it.\n")
+	}
+	p("\n")
+
 	p("### What limits writeboost\n\n")
 	p("Time per request at QD1 (1 / IOPS) on each path, and where the CPU went. nbdkit's memory plugin and pkg/nbd over RAM, each through the same kernel nbd driver, measure the round trip any userspace target pays and what our server adds to it.\n\n")
 	p("| Path | µs per 4K write at QD1 | vCPUs busy at QD1 | server CPU µs per request at QD1 | vCPUs busy at QD32 | server CPU µs per request at QD32 |\n|---|---|---|---|---|---|\n")
@@ -545,6 +573,31 @@ func renderVMSection(r *VMResults, charts []string) string {
 		p("| %s | %.0f | %.0f %% | %s | %s | %s |\n", vmSysName(id), 1e6/x1.IOPS(), 100*x1.CPUBusy, srv(x1), busy32, srv32)
 	}
 	p("\n")
+	if len(m.EngineAlone) > 0 {
+		p("Server side against client side: the engine writeboost serves, called in-process (default tunables, RAM buffers on /dev/shm, cache with O_DIRECT) on fresh devices of the same kind, with as many writers as the job's queue depth and no NBD in between, against the same job through `writeboost serve` and kernel nbd. Time per request is queue depth / IOPS for both; the rest of writeboost's time is the NBD path.\n\n")
+		p("| Job | writeboost: IOPS | µs per request | engine alone: IOPS | µs per request | p99 µs | NBD path's share of writeboost's time | nbdkit memory: µs per request |\n|---|---|---|---|---|---|---|---|\n")
+		for _, j := range engineAloneJobs {
+			ea, ok := m.EngineAlone[j.id]
+			if !ok {
+				continue
+			}
+			if ea.Error != "" {
+				p("| %s | — | — | failed: %s | — | — | — | — |\n", vmJob(j.id).Title, ea.Error)
+				continue
+			}
+			qd := float64(j.writers)
+			wbIOPS, wbUs, share, kitUs := "—", "—", "—", "—"
+			if x, ok := r.get(j.id, "wbk"); ok && x.IOPS() > 0 {
+				wbIOPS, wbUs = fmt.Sprintf("%.0f", x.IOPS()), fmt.Sprintf("%.0f", 1e6*qd/x.IOPS())
+				share = fmt.Sprintf("%.0f %%", 100*(1-x.IOPS()/ea.IOPS))
+			}
+			if x, ok := r.get(j.id, "nbdkit"); ok && x.IOPS() > 0 {
+				kitUs = fmt.Sprintf("%.0f", 1e6*qd/x.IOPS())
+			}
+			p("| %s | %s | %s | %.0f | %.0f | %.0f | %s | %s |\n", vmJob(j.id).Title, wbIOPS, wbUs, ea.IOPS, 1e6*qd/ea.IOPS, ea.P99Us, share, kitUs)
+		}
+		p("\n")
+	}
 	p("writeboost's log after each job (writes are paced while more than 75 %% of the ring is not yet written back; counters run from the volume's start: the short jobs share one volume, each sustained job has its own).\n\n")
 	p("| After | Ring not written back | Dirty blocks | Paced writes | Written back |\n|---|---|---|---|---|\n")
 	for _, j := range vmJobs {
@@ -623,4 +676,46 @@ func engineNote(r *VMResults, job string) string {
 	}
 	return fmt.Sprintf("after the job %.0f %% of writeboost's ring was not yet written back, and %s writes were paced during it (held back for writeback, which the engine does above 75 %%; %.0f writes in the measured %.0f s)",
 		100*x.Engine.RingUsed(), pacedDuring(r, job), x.WriteIOPS*x.RuntimeSec, x.RuntimeSec)
+}
+
+// lostReason explains from this run's own measurements why writeboost is
+// behind a peer in job.
+func lostReason(r *VMResults, job string) string {
+	switch job {
+	case "qd1":
+		return qd1Breakdown(r)
+	case "fsync", "qd32":
+		s := engineAloneNote(r, job)
+		if s != "" {
+			s += "; "
+		}
+		return s + cpuNote(r, job)
+	case "sus05", "sus2":
+		return sustainedNote(r, job)
+	}
+	return cpuNote(r, job)
+}
+
+// engineAloneNote compares writeboost through kernel nbd with its engine
+// called in-process (the server side) and with the peers in job.
+func engineAloneNote(r *VMResults, job string) string {
+	ea, ok := r.Main.EngineAlone[job]
+	x, okx := r.get(job, "wbk")
+	if !ok || ea.Error != "" || ea.IOPS <= 0 || !okx || x.IOPS() <= 0 {
+		return ""
+	}
+	s := fmt.Sprintf("the engine alone (in-process, same devices, no NBD) did %.0f IOPS where writeboost through kernel nbd did %.0f, so the NBD path takes %.0f %% of each request's time", ea.IOPS, x.IOPS(), 100*(1-x.IOPS()/ea.IOPS))
+	var vs []string
+	for _, peer := range peers {
+		if y, ok := r.get(job, peer); ok && y.IOPS() > 0 {
+			vs = append(vs, fmt.Sprintf("%.2f× %s", ea.IOPS/y.IOPS(), vmSysName(peer)))
+		}
+	}
+	if len(vs) > 0 {
+		s += "; the engine alone is " + strings.Join(vs, ", ")
+	}
+	if k, ok := r.get(job, "nbdkit"); ok && k.IOPS() > 0 {
+		s += fmt.Sprintf("; nbdkit memory, which does no work at all, reaches %.0f IOPS through the same path", k.IOPS())
+	}
+	return s
 }

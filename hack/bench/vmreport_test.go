@@ -27,6 +27,7 @@ func TestVMGoals(t *testing.T) {
 		"qd1":   {"wbk": 400, "dmwb": 1000, "nbdkit": 800, "ournbd": 700},
 		"sus2":  {"wbk": 200, "dmwb": 100},
 	})
+	r.Main.EngineAlone = map[string]VMEngineAlone{"qd1": {IOPS: 5000}, "fsync": {IOPS: 900}}
 	// A failed job is "not measured", never a ratio.
 	r.Main.Fio["sus2"]["dmwc"] = VMFio{FioResult: FioResult{WriteIOPS: 1, Error: "boom"}}
 	byID := map[string]Goal{}
@@ -56,8 +57,16 @@ func TestVMGoals(t *testing.T) {
 			t.Errorf("%s: missed without a reason", id)
 		}
 	}
-	// The QD1 reason splits the time per request with the references.
-	if n := byID["vm-fsync-dmwc"].Note; !strings.Contains(n, "2500 µs through writeboost") || !strings.Contains(n, "nbdkit memory) took 1250 µs") {
+	// The QD1 reason splits the time per request with the references
+	// and the engine alone (the server side).
+	if n := qd1Breakdown(r); !strings.Contains(n, "2500 µs through writeboost") || !strings.Contains(n, "nbdkit memory) took 1250 µs") ||
+		!strings.Contains(n, "engine alone (in-process on the same kind of devices, no NBD) took 200 µs per write, so 2300 µs (92 %)") ||
+		!strings.Contains(n, "at most 1250 µs (50 %) is ours to remove") {
+		t.Errorf("QD1 breakdown: %s", n)
+	}
+	// The fsync reason compares the server side with the client side.
+	if n := byID["vm-fsync-dmwc"].Note; !strings.Contains(n, "did 900 IOPS where writeboost through kernel nbd did 300, so the NBD path takes 67 %") ||
+		!strings.Contains(n, "3.60× dm-writecache") {
 		t.Errorf("fsync note: %s", n)
 	}
 }
