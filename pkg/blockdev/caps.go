@@ -95,11 +95,16 @@ func (f *Faulty) Grow(size int64) error {
 	return g.Grow(size)
 }
 
-// Grow implements Grower by growing the wrapped device.
+// Grow implements Grower by growing the wrapped device; a failure counts
+// as a write error (as Faulty counts it as a write).
 func (c *Counting) Grow(size int64) error {
 	g, ok := c.d.(Grower)
 	if !ok {
 		return ErrUnsupported
 	}
-	return g.Grow(size)
+	err := g.Grow(size)
+	if err != nil {
+		c.writeErrs.Add(1)
+	}
+	return err
 }

@@ -63,6 +63,8 @@ Minimal local run:
 	f.IntVar(&cfg.MaxVolumes, "max-volumes", 64, "volumes this node accepts (overrides the config file's maxVolumes)")
 	f.DurationVar(&cfg.CacheReadDelay, "debug-cache-read-delay", 0, "tests: delay every cache device read by this much (a slow recovery)")
 	_ = f.MarkHidden("debug-cache-read-delay")
+	f.StringVar(&cfg.AttachMethod, "debug-attach-method", "", "tests: force an attach method ("+attach.MethodNetlink+", "+attach.MethodFallback+")")
+	_ = f.MarkHidden("debug-attach-method")
 	cmd.AddCommand(newPrestopCommand(), attach.NewRelayCommand(), newParamsCommand())
 	return cmd
 }

@@ -390,8 +390,11 @@ func (s ControllerServer) GetCapacity(ctx context.Context, req *csi.GetCapacityR
 }
 
 // ControllerExpandVolume implements csi.ControllerServer: grows the backing
-// volume; the cache slice stays. The engine takes the grown backing when
-// the volume is next staged, so a staged volume is refused.
+// volume (the cache slice stays) and, when the volume is staged, the
+// running engine and the attached device, live; the filesystem grows in
+// NodeExpandVolume. An unstaged volume takes the grown backing when next
+// staged. Each step is a no-op once done, and the new capacity is
+// recorded last, so a retry after any failure converges.
 func (s ControllerServer) ControllerExpandVolume(ctx context.Context, req *csi.ControllerExpandVolumeRequest) (*csi.ControllerExpandVolumeResponse, error) {
 	d := s.d
 	id := req.GetVolumeId()
@@ -427,14 +430,23 @@ func (s ControllerServer) ControllerExpandVolume(ctx context.Context, req *csi.C
 	if size <= v.Capacity {
 		return &csi.ControllerExpandVolumeResponse{CapacityBytes: v.Capacity, NodeExpansionRequired: nodeExpand}, nil
 	}
-	if v.Staged != nil {
-		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is staged: expansion is offline, unstage it first", id)
-	}
 	if err := d.opts.HDD.Expand(id, size); err != nil {
 		if errors.Is(err, pool.ErrNoSpace) {
 			return nil, status.Errorf(codes.ResourceExhausted, "volume %s: %v", id, err)
 		}
 		return nil, status.Errorf(codes.Internal, "volume %s: %v", id, err)
+	}
+	if v.Staged != nil {
+		if _, running := d.opts.Runtime.Get(id); !running {
+			// Recovering after a restart: it takes the grown backing at
+			// open; the retry then finds it running and converges.
+			return nil, status.Errorf(codes.Unavailable, "volume %s is staged but its engine is not running yet", id)
+		}
+		dev, err := d.opts.Runtime.Grow(ctx, id, size)
+		if err != nil {
+			return nil, grpcError(codes.Internal, err, "volume %s: grow live to %d bytes", id, size)
+		}
+		klog.InfoS("Volume grown live", "volume", id, "device", dev, "from", v.Capacity, "to", size)
 	}
 	v.Capacity = size
 	v.GrowFS = nodeExpand

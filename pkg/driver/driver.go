@@ -20,12 +20,15 @@
 // atomically before a call reports success, and a restarted plugin
 // re-adopts every staged volume (Readopt).
 //
-// Expansion is offline: ControllerExpandVolume grows the backing of an
-// unstaged volume, and the next NodeStageVolume opens the engine with the
-// grown backing (engine.Options.AllowBackingGrowth) and grows an ext4
-// filesystem before mounting it (online ext4 resizing needs
-// CAP_SYS_RESOURCE, and the nbdfuse fallback cannot change a live device's
-// size). Static volumes (volume context "backingDevice") are written back
+// Expansion is online: ControllerExpandVolume grows the backing in its
+// pool, and for a staged volume the running engine (crash-safely:
+// engine.Grow) and the attached device (attach.Resize: the kernel nbd
+// device over netlink, the fallback's loop device by its sizelimit), in
+// that order, each step a no-op once done, so a retry after a failure at
+// any step converges; NodeExpandVolume then grows the mounted filesystem
+// (resize2fs, xfs_growfs). An unstaged volume takes the grown backing
+// when next staged (engine.Options.AllowBackingGrowth), its ext4 grown
+// before mounting. Static volumes (volume context "backingDevice") are written back
 // completely when unstaged, so their device can be used without us.
 package driver
 
@@ -67,6 +70,8 @@ type Runtime interface {
 	Stage(ctx context.Context, s volume.Spec) (device string, err error)
 	Unstage(ctx context.Context, id, device string) error
 	Drain(ctx context.Context, id string) error
+	// Grow grows a running volume live, after its backing grew.
+	Grow(ctx context.Context, id string, size int64) (device string, err error)
 	Get(id string) (volume.Info, bool)
 	IDs() []string
 	FlushAll() error

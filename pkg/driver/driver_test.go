@@ -27,6 +27,7 @@ type fakeRuntime struct {
 	running map[string]volume.Spec
 	err     error // engine error reported by Get
 	stages  int
+	grows   int
 }
 
 func (f *fakeRuntime) Stage(_ context.Context, s volume.Spec) (string, error) {
@@ -56,6 +57,21 @@ func (f *fakeRuntime) Get(id string) (volume.Info, bool) {
 	}
 	fi, _ := os.Stat(s.BackingPath)
 	return volume.Info{Device: "/dev/fake-" + id, Size: fi.Size(), Err: f.err, Status: engine.Status{}}, true
+}
+
+// Grow checks that the pool grew the backing first, as the engine does.
+func (f *fakeRuntime) Grow(_ context.Context, id string, size int64) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	s, ok := f.running[id]
+	if !ok {
+		return "", fmt.Errorf("volume %s is not running", id)
+	}
+	if fi, err := os.Stat(s.BackingPath); err != nil || fi.Size() < size {
+		return "", fmt.Errorf("grow %s to %d: the backing has not grown (%v)", id, size, err)
+	}
+	f.grows++
+	return "/dev/fake-" + id, nil
 }
 
 func (f *fakeRuntime) Drain(context.Context, string) error { return nil }

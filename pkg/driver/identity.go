@@ -34,10 +34,10 @@ func (s IdentityServer) GetPluginCapabilities(context.Context, *csi.GetPluginCap
 	return &csi.GetPluginCapabilitiesResponse{Capabilities: []*csi.PluginCapability{
 		svc(csi.PluginCapability_Service_CONTROLLER_SERVICE),
 		svc(csi.PluginCapability_Service_VOLUME_ACCESSIBILITY_CONSTRAINTS),
-		// Offline only: a grown backing reaches the attached device when
-		// the volume is staged again (see ControllerExpandVolume).
+		// Online: a staged volume grows while pods use it (see
+		// ControllerExpandVolume); ONLINE implies OFFLINE too.
 		{Type: &csi.PluginCapability_VolumeExpansion_{VolumeExpansion: &csi.PluginCapability_VolumeExpansion{
-			Type: csi.PluginCapability_VolumeExpansion_OFFLINE}}},
+			Type: csi.PluginCapability_VolumeExpansion_ONLINE}}},
 	}}, nil
 }
 

@@ -478,8 +478,11 @@ func (s NodeServer) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolu
 	}, VolumeCondition: cond}, nil
 }
 
-// NodeExpandVolume implements csi.NodeServer: grows the filesystem to the
-// device, which took the grown backing when the volume was staged.
+// NodeExpandVolume implements csi.NodeServer: grows the mounted filesystem
+// online to the device (resize2fs for ext4, xfs_growfs for xfs), which
+// ControllerExpandVolume grew live (or which took the grown backing when
+// staged). A device still smaller than the recorded capacity (a restart
+// between the steps) is grown first. Block volumes need nothing more.
 func (s NodeServer) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRequest) (*csi.NodeExpandVolumeResponse, error) {
 	d := s.d
 	id, path := req.GetVolumeId(), req.GetVolumePath()
@@ -509,14 +512,28 @@ func (s NodeServer) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVol
 		return nil, status.Errorf(codes.Unavailable, "volume %s: engine not running", id)
 	}
 	if required := req.GetCapacityRange().GetRequiredBytes(); required > info.Size {
-		return nil, status.Errorf(codes.FailedPrecondition,
-			"volume %s: device is %d bytes, %d asked: expansion is offline, unstage and stage the volume again", id, info.Size, required)
+		if v.Capacity < required {
+			return nil, status.Errorf(codes.FailedPrecondition,
+				"volume %s: device is %d bytes, %d asked, and the volume has %d: expand it first (ControllerExpandVolume)", id, info.Size, required, v.Capacity)
+		}
+		if _, err := d.opts.Runtime.Grow(ctx, id, v.Capacity); err != nil {
+			return nil, grpcError(codes.Internal, err, "volume %s: grow live to %d bytes", id, v.Capacity)
+		}
+		if info, running = d.opts.Runtime.Get(id); !running {
+			return nil, status.Errorf(codes.Unavailable, "volume %s: engine not running", id)
+		}
 	}
 	if v.Staged.Block || req.GetVolumeCapability().GetBlock() != nil {
 		return &csi.NodeExpandVolumeResponse{CapacityBytes: info.Size}, nil
 	}
 	if err := d.mnt.Resize(v.Staged.Device, v.Staged.StagingPath); err != nil {
 		return nil, status.Errorf(codes.Internal, "volume %s: grow filesystem on %s: %v", id, v.Staged.Device, err)
+	}
+	if v.GrowFS {
+		v.GrowFS = false
+		if err := d.opts.State.Put(v); err != nil {
+			return nil, grpcError(codes.Internal, err, "volume %s: record", id)
+		}
 	}
 	klog.InfoS("Filesystem expanded", "volume", id, "device", v.Staged.Device, "size", info.Size)
 	return &csi.NodeExpandVolumeResponse{CapacityBytes: info.Size}, nil

@@ -91,6 +91,9 @@ type Config struct {
 	// CacheReadDelay slows every read of every cache device (a test
 	// harness for slow recoveries; hidden flag).
 	CacheReadDelay time.Duration
+	// AttachMethod forces an attach method ("" = the best available; a
+	// hidden flag: tests run the nbdfuse fallback on a kernel with nbd).
+	AttachMethod string
 }
 
 // Build makes the driver from cfg: pools, node state and runtime.
@@ -149,7 +152,7 @@ func Build(cfg Config) (*Driver, error) {
 	}
 	klog.InfoS("Memory budget", "bytes", limit, "budget", membudget.Bytes(limit), "from", from)
 	rt := &volume.Manager{RunDir: cfg.RunDir, AttachStateDir: filepath.Join(cfg.StateDir, "attach"),
-		RelayCommand: cfg.RelayCommand}
+		RelayCommand: cfg.RelayCommand, PreferMethod: cfg.AttachMethod}
 	if d := cfg.CacheReadDelay; d > 0 {
 		klog.InfoS("Every cache read is delayed (--debug-cache-read-delay)", "delay", d)
 		rt.WrapCache = func(dev blockdev.Device) blockdev.Device { return slowReads{dev, d} }

@@ -179,6 +179,9 @@ type sweepAttacher struct {
 	mu    sync.Mutex
 	conns map[string]net.Conn // device -> connection
 	n     int
+	// per volume: its device, socket and the size the "kernel" shows
+	devs, socks map[string]string
+	sizes       map[string]int64
 }
 
 func (a *sweepAttacher) Attach(ctx context.Context, o attach.Options) (attach.Attachment, error) {
@@ -194,6 +197,7 @@ func (a *sweepAttacher) Attach(ctx context.Context, o attach.Options) (attach.At
 	a.n++
 	dev := fmt.Sprintf("/dev/sweep%d", a.n)
 	a.conns[dev] = c
+	a.devs[o.VolumeID], a.socks[o.VolumeID], a.sizes[o.VolumeID] = dev, o.Socket, int64(info.Size)
 	return attach.Attachment{Device: dev, Method: "fake", VolumeID: o.VolumeID, Size: int64(info.Size), Flags: info.Flags}, nil
 }
 
@@ -208,6 +212,30 @@ func (a *sweepAttacher) Detach(_ context.Context, _, device string) error {
 	}
 	delete(a.conns, device)
 	return nil
+}
+
+// Resize checks that the export already serves the new size (the engine
+// grew before the device), as a kernel's device then addresses it.
+func (a *sweepAttacher) Resize(ctx context.Context, _, volumeID string, size int64) (attach.Attachment, error) {
+	if err := a.in.hit("attacher", "resize"); err != nil {
+		return attach.Attachment{}, err
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	dev, sock := a.devs[volumeID], a.socks[volumeID]
+	if dev == "" || a.conns[dev] == nil {
+		return attach.Attachment{}, fmt.Errorf("sweep resize: %s is not attached", volumeID)
+	}
+	c, info, err := attach.UnixDialer(sock, "", 5*time.Second)(ctx)
+	if err != nil {
+		return attach.Attachment{}, err
+	}
+	c.Close()
+	if int64(info.Size) < size {
+		return attach.Attachment{}, fmt.Errorf("sweep resize of %s to %d: the export serves only %d", dev, size, info.Size)
+	}
+	a.sizes[volumeID] = size
+	return attach.Attachment{Device: dev, Method: "fake", VolumeID: volumeID, Size: size, Flags: info.Flags}, nil
 }
 
 func (a *sweepAttacher) attached() int {
@@ -256,7 +284,7 @@ func newSweepEnv(t *testing.T) *sweepEnv {
 	t.Cleanup(func() { os.RemoveAll(runDir) })
 	e := &sweepEnv{t: t, in: &injector{}, mnt: &fakeMounter{}, dir: dir, runDir: runDir,
 		devs: map[string]*devicePair{}}
-	e.att = &sweepAttacher{in: e.in, conns: map[string]net.Conn{}}
+	e.att = &sweepAttacher{in: e.in, conns: map[string]net.Conn{}, devs: map[string]string{}, socks: map[string]string{}, sizes: map[string]int64{}}
 	hdd, err := pool.New(pool.Config{Kind: pool.KindDirectory, Path: filepath.Join(dir, "hdd")})
 	if err != nil {
 		t.Fatal(err)
@@ -328,8 +356,9 @@ var mountCap = &csi.VolumeCapability{AccessType: &csi.VolumeCapability_Mount{Mou
 	AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER}}
 
 const (
-	sweepSize  = 16 << 20
-	sweepGrown = 24 << 20
+	sweepSize   = 16 << 20
+	sweepGrown  = 24 << 20 // online, while published
+	sweepGrown2 = 32 << 20 // offline, while unstaged
 )
 
 // A volume's life, step by step; each step's promise is its state.
@@ -348,12 +377,14 @@ var sweepLife = []sweepStep{
 	{"CreateVolume", (*sweepEnv).create, sweepState{exists: true, capacity: sweepSize}},
 	{"NodeStageVolume", (*sweepEnv).stage, sweepState{exists: true, staged: true, capacity: sweepSize}},
 	{"NodePublishVolume", (*sweepEnv).publish, sweepState{exists: true, staged: true, published: true, capacity: sweepSize}},
-	{"NodeUnpublishVolume", (*sweepEnv).unpublish, sweepState{exists: true, staged: true, capacity: sweepSize}},
-	{"NodeUnstageVolume", (*sweepEnv).unstage, sweepState{exists: true, capacity: sweepSize}},
-	{"ControllerExpandVolume", (*sweepEnv).expand, sweepState{exists: true, capacity: sweepGrown}},
-	{"NodeStageVolume(grown)", (*sweepEnv).stage, sweepState{exists: true, staged: true, capacity: sweepGrown}},
-	{"NodeExpandVolume", (*sweepEnv).nodeExpand, sweepState{exists: true, staged: true, capacity: sweepGrown}},
-	{"NodeUnstageVolume(grown)", (*sweepEnv).unstage, sweepState{exists: true, capacity: sweepGrown}},
+	{"ControllerExpandVolume(online)", expandTo(sweepGrown), sweepState{exists: true, staged: true, published: true, capacity: sweepGrown}},
+	{"NodeExpandVolume(online)", nodeExpandTo(sweepGrown), sweepState{exists: true, staged: true, published: true, capacity: sweepGrown}},
+	{"NodeUnpublishVolume", (*sweepEnv).unpublish, sweepState{exists: true, staged: true, capacity: sweepGrown}},
+	{"NodeUnstageVolume", (*sweepEnv).unstage, sweepState{exists: true, capacity: sweepGrown}},
+	{"ControllerExpandVolume", expandTo(sweepGrown2), sweepState{exists: true, capacity: sweepGrown2}},
+	{"NodeStageVolume(grown)", (*sweepEnv).stage, sweepState{exists: true, staged: true, capacity: sweepGrown2}},
+	{"NodeExpandVolume", nodeExpandTo(sweepGrown2), sweepState{exists: true, staged: true, capacity: sweepGrown2}},
+	{"NodeUnstageVolume(grown)", (*sweepEnv).unstage, sweepState{exists: true, capacity: sweepGrown2}},
 	{"DeleteVolume", (*sweepEnv).delete, sweepState{}},
 }
 
@@ -388,16 +419,20 @@ func (e *sweepEnv) unstage(ctx context.Context) error {
 	return err
 }
 
-func (e *sweepEnv) expand(ctx context.Context) error {
-	_, err := ControllerServer{d: e.d}.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: e.id,
-		CapacityRange: &csi.CapacityRange{RequiredBytes: sweepGrown}, VolumeCapability: mountCap})
-	return err
+func expandTo(size int64) func(e *sweepEnv, ctx context.Context) error {
+	return func(e *sweepEnv, ctx context.Context) error {
+		_, err := ControllerServer{d: e.d}.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: e.id,
+			CapacityRange: &csi.CapacityRange{RequiredBytes: size}, VolumeCapability: mountCap})
+		return err
+	}
 }
 
-func (e *sweepEnv) nodeExpand(ctx context.Context) error {
-	_, err := NodeServer{d: e.d}.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: e.id, VolumePath: e.staging,
-		CapacityRange: &csi.CapacityRange{RequiredBytes: sweepGrown}, VolumeCapability: mountCap})
-	return err
+func nodeExpandTo(size int64) func(e *sweepEnv, ctx context.Context) error {
+	return func(e *sweepEnv, ctx context.Context) error {
+		_, err := NodeServer{d: e.d}.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: e.id, VolumePath: e.staging,
+			CapacityRange: &csi.CapacityRange{RequiredBytes: size}, VolumeCapability: mountCap})
+		return err
+	}
 }
 
 func (e *sweepEnv) delete(ctx context.Context) error {
@@ -467,6 +502,12 @@ func (e *sweepEnv) check(w sweepState) {
 		info, ok := e.mgr.Get(id)
 		if !ok || info.Size != w.capacity {
 			t.Errorf("served size %d (running %v), want %d", info.Size, ok, w.capacity)
+		}
+		e.att.mu.Lock()
+		dev := e.att.sizes[id]
+		e.att.mu.Unlock()
+		if dev != w.capacity {
+			t.Errorf("attached device of %d bytes, want %d", dev, w.capacity)
 		}
 		if c, err := net.Dial("unix", filepath.Join(e.runDir, id+".sock")); err != nil {
 			t.Errorf("NBD socket: %v", err)

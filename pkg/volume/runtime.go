@@ -54,6 +54,9 @@ type Attacher interface {
 	// Detach undoes the attachment of device. A device that is already
 	// gone is not an error.
 	Detach(ctx context.Context, stateDir, device string) error
+	// Resize makes the attached device of volumeID size bytes as the
+	// kernel sees it, after the volume grew; repeating it is harmless.
+	Resize(ctx context.Context, stateDir, volumeID string, size int64) (attach.Attachment, error)
 }
 
 // SystemAttacher attaches with package attach: the kernel nbd driver over
@@ -77,6 +80,15 @@ func (SystemAttacher) Attach(ctx context.Context, o attach.Options) (attach.Atta
 		klog.InfoS("Re-adopted attached device", "volume", o.VolumeID, "device", a.Device, "method", a.Method)
 		return *a, nil
 	}
+	if err != nil {
+		return attach.Attachment{}, err
+	}
+	return *a, nil
+}
+
+// Resize implements Attacher.
+func (SystemAttacher) Resize(ctx context.Context, stateDir, volumeID string, size int64) (attach.Attachment, error) {
+	a, err := attach.Resize(ctx, stateDir, volumeID, size)
 	if err != nil {
 		return attach.Attachment{}, err
 	}
@@ -189,8 +201,46 @@ func Start(ctx context.Context, cfg Config) (_ *Volume, err error) {
 			return nil, fmt.Errorf("attach: %w", err)
 		}
 		v.mu.att = &a
+		// A re-adopted device may be smaller than the engine: the volume
+		// grew at open (AllowBackingGrowth) or a live grow stopped between
+		// the engine and the device. Finish it, so a retry converges.
+		if size := v.mu.eng.Size(); a.Size != 0 && a.Size < size {
+			if err := v.resizeLocked(ctx, size); err != nil {
+				return nil, err
+			}
+		}
 	}
 	return v, nil
+}
+
+// Grow makes the running volume size bytes while it serves I/O: the
+// storage under the backing device must already have grown (the pool's
+// Expand); the engine takes it (crash-safely: engine.Grow), then the
+// attached device is resized, so the kernel (and the filesystem's resize
+// after it) sees the new size. A retry after a failure at any step
+// converges: each step is a no-op once done.
+func (v *Volume) Grow(ctx context.Context, size int64) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.mu.eng == nil {
+		return errors.New("volume: not running")
+	}
+	if err := v.mu.eng.Grow(size); err != nil {
+		return fmt.Errorf("grow the engine to %d bytes: %w", size, err)
+	}
+	if v.mu.att == nil {
+		return nil
+	}
+	return v.resizeLocked(ctx, size)
+}
+
+func (v *Volume) resizeLocked(ctx context.Context, size int64) error {
+	a, err := v.cfg.Attacher.Resize(ctx, v.cfg.AttachOptions.StateDir, v.mu.att.VolumeID, size)
+	if err != nil {
+		return fmt.Errorf("resize %s to %d bytes: %w", v.mu.att.Device, size, err)
+	}
+	v.mu.att = &a
+	return nil
 }
 
 // OpenDevices opens the cache and backing of cfg under the IO policy and

@@ -26,13 +26,14 @@ type fakeAttacher struct {
 	mu       sync.Mutex
 	conns    map[string]net.Conn // device -> connection
 	infos    map[string]nbdproto.ExportInfo
+	sockets  map[string]string
 	next     int
 	failNext map[string]error // "attach"/"detach" -> error for the next call
 	calls    map[string]int
 }
 
 func newFakeAttacher() *fakeAttacher {
-	return &fakeAttacher{conns: map[string]net.Conn{}, infos: map[string]nbdproto.ExportInfo{},
+	return &fakeAttacher{conns: map[string]net.Conn{}, infos: map[string]nbdproto.ExportInfo{}, sockets: map[string]string{},
 		failNext: map[string]error{}, calls: map[string]int{}}
 }
 
@@ -63,7 +64,7 @@ func (f *fakeAttacher) Attach(ctx context.Context, o attach.Options) (attach.Att
 	defer f.mu.Unlock()
 	dev := fmt.Sprintf("/dev/fake%d", f.next)
 	f.next++
-	f.conns[dev], f.infos[dev] = c, info
+	f.conns[dev], f.infos[dev], f.sockets[dev] = c, info, o.Socket
 	return attach.Attachment{Device: dev, Method: "fake", VolumeID: o.VolumeID, Socket: o.Socket,
 		Size: int64(info.Size), Flags: info.Flags}, nil
 }
@@ -79,6 +80,34 @@ func (f *fakeAttacher) Detach(_ context.Context, _, device string) error {
 	}
 	delete(f.conns, device)
 	return nil
+}
+
+// Resize plays the kernel's resize: the export must already serve the
+// new size (a fresh handshake shows it), else the device could address
+// bytes the volume does not have.
+func (f *fakeAttacher) Resize(ctx context.Context, _, volumeID string, size int64) (attach.Attachment, error) {
+	if err := f.take("resize"); err != nil {
+		return attach.Attachment{}, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for dev, info := range f.infos {
+		if f.conns[dev] == nil {
+			continue
+		}
+		c, now, err := attach.UnixDialer(f.sockets[dev], "", 5*time.Second)(ctx)
+		if err != nil {
+			return attach.Attachment{}, err
+		}
+		c.Close()
+		if int64(now.Size) < size {
+			return attach.Attachment{}, fmt.Errorf("fake resize of %s to %d: the export serves only %d", dev, size, now.Size)
+		}
+		info.Size = uint64(size)
+		f.infos[dev] = info
+		return attach.Attachment{Device: dev, Method: "fake", VolumeID: volumeID, Socket: f.sockets[dev], Size: size, Flags: info.Flags}, nil
+	}
+	return attach.Attachment{}, fmt.Errorf("fake resize: %s is not attached", volumeID)
 }
 
 func (f *fakeAttacher) attached() int {

@@ -89,7 +89,9 @@ func (m *Manager) config(s Spec) Config {
 		// The pool creates the cache slice zeroed for this volume: a blank
 		// cache is ours to format; anything else is recovered or refused.
 		Format: true,
-		// ControllerExpandVolume grows the backing while unstaged.
+		// A backing grown while the volume was not running (offline
+		// expansion, or a live one interrupted before the engine took it)
+		// is taken at open.
 		AllowBackingGrowth: true,
 		BackingDiscard:     s.BackingDiscard,
 		BufferPath:         m.bufferPath(s.ID),
@@ -182,6 +184,20 @@ func (m *Manager) Unstage(ctx context.Context, id string, device string) error {
 	}
 	m.forget(id, v)
 	return nil
+}
+
+// Grow grows a running volume to size bytes, live (Volume.Grow), and
+// returns its device. The backing's storage must have grown first.
+func (m *Manager) Grow(ctx context.Context, id string, size int64) (string, error) {
+	v := m.get(id)
+	if v == nil || v.Engine() == nil {
+		return "", fmt.Errorf("volume %s is not running", id)
+	}
+	if err := v.Grow(ctx, size); err != nil {
+		return "", err
+	}
+	a, _ := v.Attachment()
+	return a.Device, nil
 }
 
 // Drain writes back every dirty block of a running volume to its backing
