@@ -508,7 +508,7 @@ func contains(list []string, s string) bool {
 
 // powerCutSystems are the caches of the power-cut figure, in the order of
 // the partitions of the two disks.
-var powerCutSystems = []string{"dmwb", "dmwc", "bcache", "wbk"}
+var powerCutSystems = []string{"dmwb", "bcache", "wbk", "dmwc"}
 
 // partition names partition i (from 0) of disk: vda1, or loop0p1 and
 // nbd0p1 after a digit.

@@ -33,9 +33,12 @@ type VMHost struct {
 	LoadEnd string `json:"load_at_end"`
 	// Others is what else ran on the host during the run (processes
 	// using CPU), as the script saw it.
-	Others  string    `json:"others,omitempty"`
-	Started time.Time `json:"started"`
-	Ended   time.Time `json:"ended"`
+	Others string `json:"others,omitempty"`
+	// GuestCrash is the guest kernel's BUG/Oops in the main run, if any,
+	// from the console (the systems after it did not run).
+	GuestCrash string    `json:"guest_crash,omitempty"`
+	Started    time.Time `json:"started"`
+	Ended      time.Time `json:"ended"`
 }
 
 const vmResultsDir = "benchmarks/vm"
@@ -345,6 +348,18 @@ func renderVMSection(r *VMResults, charts []string) string {
 		p("; other work running at the start: %s", h.Others)
 	}
 	p(". Systems ran minutes apart, so a change of load moves their ratios too.\n\n")
+	if h.GuestCrash != "" {
+		var ran []string
+		for _, s := range vmSystems {
+			for _, j := range vmJobs {
+				if _, ok := m.Fio[j.ID][s.ID]; ok {
+					ran = append(ran, s.Name)
+					break
+				}
+			}
+		}
+		p("**The guest kernel crashed during the main run, and the VM was stopped there**: `%s`. Systems measured before it: %s; the others have no figures in this run.\n\n", h.GuestCrash, strings.Join(ran, ", "))
+	}
 
 	p("### Goals\n\n| Goal | Measured | Result | Note |\n|---|---|---|---|\n")
 	for _, g := range r.Goals {
