@@ -211,6 +211,10 @@ type Options struct {
 	Clock Clock
 	// Name labels logs (a volume id).
 	Name string
+	// stepping: start no goroutines; background work runs when a test
+	// steps it or a waiting operation needs it (step.go). Tests only.
+	stepping bool
+
 	// Context bounds Open's long parts (reading the log, re-applying
 	// discards, a write-around drain); nil is context.Background(). An
 	// open abandoned part-way leaves the cache as a crash would, which

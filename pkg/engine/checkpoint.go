@@ -87,7 +87,7 @@ func (e *Engine) makeDurable() error {
 		if e.mu.stop {
 			return ErrClosed
 		}
-		e.cond.Wait()
+		e.waitLocked()
 	}
 	return nil
 }

@@ -291,7 +291,7 @@ copying:
 					break copying // no ring space left: writeback takes over
 				}
 				e.cond.Broadcast() // the flusher frees a RAM buffer
-				e.cond.Wait()
+				e.waitLocked()
 			}
 			m := e.mu.idx.meta[it.pos]
 			if metaFlags(m)&(flagValid|flagDirty) != flagValid|flagDirty || metaBlock(m) != it.blk {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand"
 	"testing"
+	"time"
 
 	"github.com/writeboost-csi/writeboost-csi/pkg/blockdev"
 )
@@ -166,6 +167,11 @@ func crashWorkload(e *Engine, m *sectorModel, rng *rand.Rand, ops int, nextID *u
 		span = nsect / 16
 	}
 	for i := 0; i < ops; i++ {
+		if e.step != nil && rng.Intn(3) == 0 {
+			// Stepping mode: the seed also decides when background work
+			// runs, between foreground operations (step.go).
+			e.stepBackground(rng)
+		}
 		switch op := rng.Intn(20); {
 		case op < 12:
 			first := rng.Intn(span)
@@ -228,42 +234,72 @@ func crashWorkload(e *Engine, m *sectorModel, rng *rand.Rand, ops int, nextID *u
 
 var crashModes = []blockdev.CrashMode{blockdev.CrashDropAll, blockdev.CrashKeepSubset, blockdev.CrashTear}
 
-// TestCrashSweep sweeps crash points over seeded workloads.
+// TestCrashSweep sweeps crash points over seeded workloads, in stepping
+// mode (step.go): the engine's background work runs between operations
+// where the seed says, so a seed's device writes are the same on every run
+// and a crash at write k of a seed replays exactly (checked: each crash
+// run's writes up to k are compared with those of the counting run).
+//
+// In CI it crashes at every device write of the first sweepFull seeds and
+// at every stride-th write (an offset chosen by the seed) of the others;
+// the log line says how many of the seeds' write points that covers.
+// WRITEBOOST_STRESS=1 crashes at every write of 1000 seeds of 120
+// operations. A failure prints its replay command: WRITEBOOST_CRASH_SEED,
+// WRITEBOOST_CRASH_AT (and WRITEBOOST_CRASH_OPS) run that one point.
 func TestCrashSweep(t *testing.T) {
-	seeds, ops := 100, 60 // about 2,200 crash points
+	seeds, ops := 100, 60
+	full, stride := sweepFull, sweepStride
 	if stress() {
-		seeds, ops = 1000, 120
+		seeds, ops, full = 1000, 120, 1000
 	}
-	points, cleaned := 0, 0
-	for seed := int64(0); seed < int64(seeds); seed++ {
-		// Count the device writes of the whole workload first.
-		total := func() int {
-			pw := blockdev.NewPower()
-			e := openTest(t, blockdev.NewMem(testCacheSize(testSegments), pw), blockdev.NewMem(crashSize, pw), crashTunables(seed))
-			start := pw.Writes()
-			var id uint64
-			crashWorkload(e, newSectorModel(), rand.New(rand.NewSource(seed)), ops, &id)
-			if e.Status().Cleaning.CleanedSegments > 0 {
-				cleaned++
-			}
-			e.Close()
-			return pw.Writes() - start
-		}()
-		step := max(1, total/20)
-		if stress() {
-			step = 1
+	ops = envInt(t, "WRITEBOOST_CRASH_OPS", ops)
+	first := 0
+	if s := envInt(t, "WRITEBOOST_CRASH_SEED", -1); s >= 0 {
+		first, seeds, full = s, s+1, s+1
+	}
+	at := envInt(t, "WRITEBOOST_CRASH_AT", -1)
+	points, space, cleaned := 0, 0, 0
+	for seed := int64(first); seed < int64(seeds); seed++ {
+		// Count (and record) the device writes of the whole workload first.
+		pw := blockdev.NewPower()
+		c, b, log := recorded(blockdev.NewMem(testCacheSize(testSegments), pw), blockdev.NewMem(crashSize, pw))
+		e := openTest(t, c, b, func(o *Options) { crashTunables(seed)(o); stepping(o) })
+		*log = nil // Open's format writes come before any crash point
+		var id uint64
+		crashWorkload(e, newSectorModel(), rand.New(rand.NewSource(seed)), ops, &id)
+		if e.Status().Cleaning.CleanedSegments > 0 {
+			cleaned++
 		}
-		for k := 0; k <= total; k += step {
+		e.Close() // its writes are crash points too
+		want := *log
+		total := len(want)
+		space += total + 1
+		step, offset := 1, 0
+		if seed >= int64(full) {
+			step, offset = stride, int(seed)%stride
+		}
+		for k := offset; k <= total; k += step {
+			if at >= 0 && k != at {
+				continue
+			}
 			mode := crashModes[(int(seed)+k)%len(crashModes)]
-			crashOnce(t, seed, ops, k, mode)
+			crashOnce(t, seed, ops, k, mode, want)
 			points++
 		}
 	}
-	t.Logf("%d crash points; cleaning ran in %d of %d workloads", points, cleaned, seeds)
-	if cleaned < seeds/10 {
-		t.Errorf("cleaning ran in only %d of %d workloads: the sweep does not cover it", cleaned, seeds)
+	t.Logf("%d crash points of %d write points (%.0f%%) over %d seeds, every write of the first %d; cleaning ran in %d workloads",
+		points, space, 100*float64(points)/float64(max(space, 1)), seeds-first, min(full, seeds)-first, cleaned)
+	if at < 0 && seeds-first >= 10 && cleaned < (seeds-first)/10 {
+		t.Errorf("cleaning ran in only %d of %d workloads: the sweep does not cover it", cleaned, seeds-first)
 	}
 }
+
+// The CI sweep: every write point of the first sweepFull seeds, every
+// sweepStride-th of the rest (see TestCrashSweep's log line for the share).
+const (
+	sweepFull   = 2
+	sweepStride = 10
+)
 
 func crashTunables(seed int64) func(*Options) {
 	return func(o *Options) {
@@ -276,21 +312,31 @@ func crashTunables(seed int64) func(*Options) {
 	}
 }
 
-func crashOnce(t *testing.T, seed int64, ops, k int, mode blockdev.CrashMode) {
-	what := fmt.Sprintf("seed %d crash at write %d mode %v", seed, k, mode)
+func crashOnce(t *testing.T, seed int64, ops, k int, mode blockdev.CrashMode, want []devWrite) {
+	what := fmt.Sprintf("seed %d crash at write %d mode %v (replay: WRITEBOOST_CRASH_SEED=%d WRITEBOOST_CRASH_AT=%d WRITEBOOST_CRASH_OPS=%d go test -race -run 'TestCrashSweep$' ./pkg/engine/)",
+		seed, k, mode, seed, k, ops)
 	pw := blockdev.NewPower()
 	cache, backing := blockdev.NewMem(testCacheSize(testSegments), pw), blockdev.NewMem(crashSize, pw)
-	e := openTest(t, cache, backing, crashTunables(seed))
+	c, b, log := recorded(cache, backing)
+	e := openTest(t, c, b, func(o *Options) { crashTunables(seed)(o); stepping(o) })
+	*log = nil
 	pw.CrashAfterWrites(k)
 	m := newSectorModel()
 	var id uint64
 	rng := rand.New(rand.NewSource(seed))
 	crashWorkload(e, m, rng, ops, &id)
-	pw.CrashAfterWrites(0) // whatever the engine does from now on is lost
 	e.Close()
+	pw.CrashAfterWrites(0) // whatever the engine does from now on is lost
+	// The run must have issued the counting run's writes up to the crash
+	// (the k-th write is attempted and fails, so compare k+1 of them).
+	got := *log
+	n := min(k+1, len(want))
+	if len(got) < n || firstDiffWrite(got[:n], want[:n]) >= 0 {
+		t.Fatalf("%s: not a replay: the crash run's device writes differ from the counting run's at write %d", what, firstDiffWrite(got[:min(n, len(got))], want[:n]))
+	}
 	crng := rand.New(rand.NewSource(seed*7919 + int64(k)))
 	c2, b2 := cache.CrashImage(mode, crng), backing.CrashImage(mode, crng)
-	e2, err := Open(Options{Cache: c2, Backing: b2, SegmentSize: testSegSize, RAMBuffers: 2, Tunables: DefaultTunables()})
+	e2, err := Open(Options{Cache: c2, Backing: b2, SegmentSize: testSegSize, RAMBuffers: 2, Tunables: DefaultTunables(), stepping: true, Clock: &fakeClock{now: time.Unix(1e9, 0)}})
 	if err != nil {
 		t.Fatalf("%s: reopen: %v", what, err)
 	}
@@ -299,8 +345,6 @@ func crashOnce(t *testing.T, seed int64, ops, k int, mode blockdev.CrashMode) {
 	// Second life: more writes, a flush, a crash that drops everything
 	// unflushed; stale segments of the first life must stay dead.
 	m.rebase(t, e2)
-	pw2 := blockdev.NewPower()
-	_ = pw2
 	if !crashWorkload(e2, m, rng, ops/2, &id) {
 		t.Fatalf("%s: second life failed without a crash: %v", what, e2.Err())
 	}
@@ -329,7 +373,7 @@ func TestKillSweep(t *testing.T) {
 			pw := blockdev.NewPower()
 			cache, backing := blockdev.NewMem(testCacheSize(testSegments), pw), blockdev.NewMem(crashSize, pw)
 			mem := NewHeapBuffer(BufferBytes(testSegSize, 2))
-			e := openTest(t, cache, backing, func(o *Options) { crashTunables(seed)(o); o.Buffer = mem; o.RAMBuffers = 2 })
+			e := openTest(t, cache, backing, func(o *Options) { crashTunables(seed)(o); stepping(o); o.Buffer = mem; o.RAMBuffers = 2 })
 			pw.CrashAfterWrites(k) // the kill: the process stops touching devices
 			m := newSectorModel()
 			var id uint64

@@ -21,8 +21,6 @@ func (e *Engine) Drain(ctx context.Context, progress func(DrainProgress)) error 
 		e.mu.drains--
 		e.mu.Unlock()
 	}()
-	tk := time.NewTicker(200 * time.Millisecond)
-	defer tk.Stop()
 	for {
 		e.mu.Lock()
 		if cur := e.mu.cur; cur != nil && cur.count > 0 {
@@ -51,10 +49,28 @@ func (e *Engine) Drain(ctx context.Context, progress func(DrainProgress)) error 
 		if !owed {
 			return nil
 		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-tk.C:
+		if err := e.drainWait(ctx); err != nil {
+			return err
 		}
+	}
+}
+
+// drainPoll is how often Drain looks at the dirty count.
+const drainPoll = 200 * time.Millisecond
+
+// drainWait waits for Drain's next look: a poll interval on the Clock, or
+// in stepping mode one round of background work run here (step.go).
+func (e *Engine) drainWait(ctx context.Context) error {
+	if e.step != nil {
+		e.mu.Lock()
+		e.waitLocked()
+		e.mu.Unlock()
+		return ctx.Err()
+	}
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-e.clock.After(drainPoll):
+		return nil
 	}
 }

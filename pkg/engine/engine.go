@@ -152,6 +152,8 @@ type Engine struct {
 	}
 	cond sync.Cond // on mu; broadcast on every state change
 
+	step *stepper // stepping mode (tests): no goroutines, see step.go
+
 	wg     sync.WaitGroup
 	stopCh chan struct{} // closed when the goroutines must exit
 }

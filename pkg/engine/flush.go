@@ -40,7 +40,7 @@ func (e *Engine) Flush() error {
 		if e.mu.err != nil {
 			return e.mu.err
 		}
-		e.cond.Wait()
+		e.waitLocked()
 	}
 	e.mu.flushCount++
 	e.mu.flushLatency += e.clock.Now().Sub(start)
@@ -81,91 +81,107 @@ func (e *Engine) flusher() {
 	defer e.mu.Unlock()
 	hdr := make([]byte, blockSize) // header of a partial write: writers keep adding metablocks to the buffer's
 	for {
-		for e.mu.writtenID == e.mu.sealedID && e.mu.flushReq <= e.mu.flushedID && !e.partialWantedLocked() && e.mu.err == nil && !e.mu.stop {
+		for !e.flushWantedLocked() && e.mu.err == nil && !e.mu.stop {
 			e.cond.Wait()
 		}
-		if e.mu.err != nil || (e.mu.stop && e.mu.writtenID == e.mu.sealedID && e.mu.flushReq <= e.mu.flushedID && !e.partialWantedLocked()) {
+		if e.mu.err != nil || (e.mu.stop && !e.flushWantedLocked()) {
 			return
 		}
-		from, to := e.mu.writtenID+1, e.mu.sealedID
-		bufs := make([]*buffer, 0, to-from+1)
-		for id := from; id <= to; id++ {
-			bufs = append(bufs, e.bufFor(id))
-		}
-		e.mu.Unlock()
-		var err error
-		for _, b := range bufs {
-			// Sealed: nothing changes the buffer any more.
-			if _, err = e.writeSegment(b.id, b.seg[:blockSize], b.seg, b.frozen, b.count, b.copyNext, b.frozenCRC); err != nil {
-				break
-			}
-		}
-		e.mu.Lock()
-		if err != nil {
-			e.failLocked(err)
-			continue
-		}
-		e.mu.writtenID = to
-		e.cond.Broadcast()
+		e.flushOnceLocked(hdr)
+	}
+}
 
-		// The open buffer follows the sealed ones in the log, so its
-		// partial write goes after them, and is made durable (below)
-		// before the buffer is written again: a header copy is rewritten
-		// only when the other one is durable.
-		var p *buffer
-		var pFrom, pCount, pCopy int
-		var pCRC uint32
-		if cur := e.mu.cur; e.partialWantedLocked() && cur.id == to+1 {
-			p, pFrom, pCount, pCopy, pCRC = cur, cur.frozen, cur.count, cur.copyNext, cur.frozenCRC
-			cur.frozen = pCount // from now on writers leave these entries alone
-			copy(hdr, cur.seg[:blockSize])
+// flushWantedLocked reports whether the flusher has work: sealed buffers
+// to write, a requested flush to make durable, or entries of the open
+// buffer a Flush waits for.
+func (e *Engine) flushWantedLocked() bool {
+	return e.mu.writtenID != e.mu.sealedID || e.mu.flushReq > e.mu.flushedID || e.partialWantedLocked()
+}
+
+// flushOnceLocked is one round of the flusher (the flusher goroutine, or
+// a caller in stepping mode: step.go): it writes the sealed buffers, then
+// the open buffer's new entries if a Flush waits for them, and makes them
+// durable if asked. It releases mu during device I/O. hdr is the
+// caller's scratch block for a partial write's header.
+func (e *Engine) flushOnceLocked(hdr []byte) {
+	from, to := e.mu.writtenID+1, e.mu.sealedID
+	bufs := make([]*buffer, 0, to-from+1)
+	for id := from; id <= to; id++ {
+		bufs = append(bufs, e.bufFor(id))
+	}
+	e.mu.Unlock()
+	var err error
+	for _, b := range bufs {
+		// Sealed: nothing changes the buffer any more.
+		if _, err = e.writeSegment(b.id, b.seg[:blockSize], b.seg, b.frozen, b.count, b.copyNext, b.frozenCRC); err != nil {
+			break
 		}
-		if e.mu.flushReq <= e.mu.flushedID && p == nil {
-			continue
-		}
-		wb := e.mu.wbDoneID
-		if e.mu.ckptNeed > e.mu.flushedID {
-			// Segments that replaced written-back entries are not durable
-			// yet (they may be among those just written): this record
-			// must not let recovery skip the replaced entries (makeDurable).
+	}
+	e.mu.Lock()
+	if err != nil {
+		e.failLocked(err)
+		return
+	}
+	e.mu.writtenID = to
+	e.cond.Broadcast()
+
+	// The open buffer follows the sealed ones in the log, so its
+	// partial write goes after them, and is made durable (below)
+	// before the buffer is written again: a header copy is rewritten
+	// only when the other one is durable.
+	var p *buffer
+	var pFrom, pCount, pCopy int
+	var pCRC uint32
+	if cur := e.mu.cur; e.partialWantedLocked() && cur.id == to+1 {
+		p, pFrom, pCount, pCopy, pCRC = cur, cur.frozen, cur.count, cur.copyNext, cur.frozenCRC
+		cur.frozen = pCount // from now on writers leave these entries alone
+		copy(hdr, cur.seg[:blockSize])
+	}
+	if e.mu.flushReq <= e.mu.flushedID && p == nil {
+		return
+	}
+	wb := e.mu.wbDoneID
+	if e.mu.ckptNeed > e.mu.flushedID {
+		// Segments that replaced written-back entries are not durable
+		// yet (they may be among those just written): this record
+		// must not let recovery skip the replaced entries (makeDurable).
+		wb = e.mu.ckptWbID
+	}
+	e.mu.Unlock()
+	if p != nil {
+		pCRC, err = e.writeSegment(p.id, hdr, p.seg, pFrom, pCount, pCopy, pCRC)
+	}
+	if err == nil {
+		err = e.syncWithCheckpoint(wb, false)
+	}
+	e.mu.Lock()
+	if err != nil {
+		e.failLocked(err)
+		return
+	}
+	// The record just written claims only what was durable before
+	// this flush. After a burst of segments (a bulk write, then one
+	// flush) that would leave a crash recovery checking the data of
+	// all of them; a second record, before the waiters are released,
+	// bounds that to a few segments. An fsync-heavy load, a segment
+	// or less per flush, never pays for it.
+	if to > e.mu.ckptFlID+max(8, e.nseg/64) {
+		if e.mu.ckptNeed > to {
 			wb = e.mu.ckptWbID
 		}
 		e.mu.Unlock()
-		if p != nil {
-			pCRC, err = e.writeSegment(p.id, hdr, p.seg, pFrom, pCount, pCopy, pCRC)
-		}
-		if err == nil {
-			err = e.syncWithCheckpoint(wb, false)
-		}
+		err = e.checkpointUpTo(wb, to)
 		e.mu.Lock()
 		if err != nil {
 			e.failLocked(err)
-			continue
+			return
 		}
-		// The record just written claims only what was durable before
-		// this flush. After a burst of segments (a bulk write, then one
-		// flush) that would leave a crash recovery checking the data of
-		// all of them; a second record, before the waiters are released,
-		// bounds that to a few segments. An fsync-heavy load, a segment
-		// or less per flush, never pays for it.
-		if to > e.mu.ckptFlID+max(8, e.nseg/64) {
-			if e.mu.ckptNeed > to {
-				wb = e.mu.ckptWbID
-			}
-			e.mu.Unlock()
-			err = e.checkpointUpTo(wb, to)
-			e.mu.Lock()
-			if err != nil {
-				e.failLocked(err)
-				continue
-			}
-		}
-		e.mu.flushedID = to
-		if p != nil {
-			p.frozenCRC, p.copyNext, p.durable = pCRC, 1-pCopy, pCount
-		}
-		e.cond.Broadcast()
 	}
+	e.mu.flushedID = to
+	if p != nil {
+		p.frozenCRC, p.copyNext, p.durable = pCRC, 1-pCopy, pCount
+	}
+	e.cond.Broadcast()
 }
 
 // writeSegment writes entries [from, count) of segment id from its image

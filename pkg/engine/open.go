@@ -87,6 +87,10 @@ func Open(opts Options) (*Engine, error) {
 	klog.InfoS("cache opened", "volume", e.name, "uuid", fmt.Sprintf("%x", e.uuid), "segments", e.nseg,
 		"segmentSize", e.geo.SegmentSize, "dirtyBlocks", e.mu.nrDirty, "lastWritebackID", e.mu.wbDoneID,
 		"currentID", e.mu.nextID-1, "epoch", e.epoch)
+	if opts.stepping {
+		e.step = &stepper{hdr: make([]byte, blockSize), tick: e.newTickState()}
+		return e, nil
+	}
 	e.wg.Add(3)
 	go e.flusher()
 	go e.writebacker()
@@ -136,6 +140,7 @@ func (e *Engine) Close() error {
 	e.mu.closed = true
 	e.mu.stop = true
 	e.cond.Broadcast()
+	e.finishStepsLocked() // stepping mode: the flusher's last rounds
 	e.mu.Unlock()
 	close(e.stopCh)
 	e.wg.Wait()

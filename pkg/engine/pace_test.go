@@ -28,6 +28,19 @@ func (c *fakeClock) Sleep(d time.Duration) {
 	c.slept += d
 }
 
+// After fires in real time, so that the goroutines' timers (the tick,
+// retry backoff, Drain's poll) still run; Now stays where Sleep and
+// advance put it. Stepping mode (step.go) starts no goroutines and calls
+// none of them.
+func (c *fakeClock) After(d time.Duration) <-chan time.Time { return time.After(d) }
+
+// advance moves the clock forward by d.
+func (c *fakeClock) advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.now = c.now.Add(d)
+}
+
 // TestPaceSchedule: with the ring nearly full, writes are admitted at a
 // rate tied to the measured writeback speed: none below the mark, the
 // writeback rate at the midpoint, half of it with the ring full.

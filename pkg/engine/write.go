@@ -203,7 +203,7 @@ func (e *Engine) reserveLocked() (retry bool, err error) {
 		}
 	}
 	e.cond.Broadcast()
-	e.cond.Wait()
+	e.waitLocked()
 	return true, e.usableLocked()
 }
 

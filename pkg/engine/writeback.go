@@ -534,32 +534,42 @@ func (e *Engine) writebacker() {
 			e.mu.Unlock()
 			return
 		}
-		n := e.mu.tunables.NrMaxBatchedWriteback
-		urgent := e.mu.urgent
-		clean := e.cleanWantedLocked()
-		e.mu.Unlock()
-		did, err := false, error(nil)
-		if clean {
-			did, err = e.cleanOnce(n)
-		}
-		if !did && err == nil {
-			did, err = e.writebackOnce(n, urgent)
-		}
-		e.mu.Lock()
-		if did && err == nil && e.mu.nextID <= e.fgLimitLocked() {
-			e.mu.urgent = false
-		}
+		_, err := e.writebackStepLocked(true)
 		e.mu.Unlock()
 		if err != nil {
 			// The backing device failed: retry with backoff rather than
 			// spin; writes still land in the cache until the ring is full.
 			backoff = min(max(backoff*2, 10*time.Millisecond), time.Second)
 			select {
-			case <-time.After(backoff):
+			case <-e.clock.After(backoff):
 			case <-e.stopCh:
 			}
 		} else {
 			backoff = 0
 		}
 	}
+}
+
+// writebackStepLocked is one round of the writebacker (its goroutine, or a
+// caller in stepping mode: step.go): a cleaning batch if cleaning is
+// wanted, else (or if cleaning found nothing) a writeback batch. It
+// releases mu while the batch runs, and reports whether there was
+// anything to do. mayClean false leaves cleaning out (step.go).
+func (e *Engine) writebackStepLocked(mayClean bool) (bool, error) {
+	n := e.mu.tunables.NrMaxBatchedWriteback
+	urgent := e.mu.urgent
+	clean := mayClean && e.cleanWantedLocked()
+	e.mu.Unlock()
+	did, err := false, error(nil)
+	if clean {
+		did, err = e.cleanOnce(n)
+	}
+	if !did && err == nil {
+		did, err = e.writebackOnce(n, urgent)
+	}
+	e.mu.Lock()
+	if did && err == nil && e.mu.nextID <= e.fgLimitLocked() {
+		e.mu.urgent = false
+	}
+	return did, err
 }
