@@ -43,7 +43,7 @@ e2e: ## The chart on a real single-node Kubernetes built here (root; see hack/e2
 
 .PHONY: stress
 stress: ## Long crash sweeps and reference-model runs of the engine.
-	WRITEBOOST_STRESS=1 $(GO) test -race -run 'Crash|Model' -timeout 60m ./pkg/engine/
+	WRITEBOOST_STRESS=1 $(GO) test -race -run 'Crash|Model|Concurrent' -timeout 120m ./pkg/engine/
 
 .PHONY: fuzz
 fuzz: ## Fuzz every decoder for a while (FUZZTIME each, default 30s).

@@ -243,14 +243,14 @@ var crashModes = []blockdev.CrashMode{blockdev.CrashDropAll, blockdev.CrashKeepS
 // In CI it crashes at every device write of the first sweepFull seeds and
 // at every stride-th write (an offset chosen by the seed) of the others;
 // the log line says how many of the seeds' write points that covers.
-// WRITEBOOST_STRESS=1 crashes at every write of 1000 seeds of 120
-// operations. A failure prints its replay command: WRITEBOOST_CRASH_SEED,
+// WRITEBOOST_STRESS=1 sweeps 300 seeds of 120 operations, every write of
+// the first 20 and every 5th of the rest. A failure prints its replay command: WRITEBOOST_CRASH_SEED,
 // WRITEBOOST_CRASH_AT (and WRITEBOOST_CRASH_OPS) run that one point.
 func TestCrashSweep(t *testing.T) {
 	seeds, ops := 100, 60
 	full, stride := sweepFull, sweepStride
 	if stress() {
-		seeds, ops, full = 1000, 120, 1000
+		seeds, ops, full, stride = 300, 120, 20, 5
 	}
 	ops = envInt(t, "WRITEBOOST_CRASH_OPS", ops)
 	first := 0

@@ -62,7 +62,7 @@
 // Drain; writearound.go write_around_mode; recover.go formatting and
 // recovery; index.go the block index; buffer.go RAM buffer memory;
 // memory.go the memory figures; status.go Status and tunables; clock.go
-// the Clock.
+// the Clock; step.go stepping mode; grow.go Grow.
 //
 // # Locking, and how far it scales
 //
@@ -118,6 +118,17 @@
 // 3.5 GiB. CPU is not the limit for idle volumes (a tick a second each);
 // a busy volume's foreground is serial on its mu, so it uses at most about
 // one core for that (not measured on more than 2 cores).
+//
+// # Time, and a deterministic core
+//
+// Every use of time goes through Options.Clock (clock.go): the
+// modulator's tick, pacing, writeback's retry backoff, Drain's poll,
+// checkpoint timestamps and utilisation. In stepping mode (tests, step.go)
+// Open starts no goroutines: the flusher's, writebacker's and ticker's
+// rounds run only when a test steps them or inline where an operation
+// would wait for them, so a workload driven from one goroutine on a fake
+// clock issues the same device writes in the same order on every run; the
+// crash sweep relies on it to replay any failing crash point exactly.
 //
 // # Discards
 //
