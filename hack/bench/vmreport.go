@@ -258,6 +258,9 @@ func qd1Breakdown(r *VMResults) string {
 		if !math.IsNaN(kit) {
 			s += fmt.Sprintf("; nbdkit's round trip over RAM is the floor a userspace target pays, so at most %.0f µs (%.0f %%) is ours to remove", math.Max(wb-kit, 0), 100*math.Max(wb-kit, 0)/wb)
 		}
+		if !math.IsNaN(ours) && wb > ours+eng {
+			s += fmt.Sprintf("; the engine alone plus pkg/nbd over RAM make %.0f µs, so %.0f µs appear only when the engine runs behind NBD (more thread hand-offs per request, each costly on a contended TCG host; not separated in this run)", ours+eng, wb-ours-eng)
+		}
 	}
 	if x, ok := r.get("qd1", "wbk"); ok && x.IOs() > 0 {
 		s += fmt.Sprintf("; the server used %.0f µs of CPU per request (%.0f user, %.0f kernel)",
