@@ -271,6 +271,7 @@ func (r *sweepRun) run(seed int64, ops int) (opened bool, shown bool) {
 	within(r.t, r.what, func() {
 		o := Options{Cache: r.cache, Backing: r.backing, Format: true, SegmentSize: testSegSize, Tunables: DefaultTunables()}
 		sweepTunables(seed)(&o)
+		stepping(&o) // the at-th operation of a kind is the same one in every run
 		e, err = Open(o)
 	})
 	if !r.check("open", err) {
@@ -356,11 +357,14 @@ func TestErrorInjectionSweep(t *testing.T) {
 					inj.arm(kind, k, sticky)
 					opened, shown := r.run(seed, ops)
 					runs++
-					if inj.fired.Load() {
-						fired++
-						if !shown {
-							t.Fatalf("%s: the fault fired but no caller, Status or Err showed it", what)
-						}
+					if !inj.fired.Load() {
+						// Stepping mode makes the run a replay of the
+						// dry one: operation k of a kind comes again.
+						t.Fatalf("%s: the fault never fired: the run is not a replay of the run that counted %d", what, n)
+					}
+					fired++
+					if !shown {
+						t.Fatalf("%s: the fault fired but no caller, Status or Err showed it", what)
 					}
 					inj.disarm()
 					if opened {
