@@ -119,12 +119,17 @@ func powerCut(t *testing.T, mode string, seed int64, cuts int) {
 		}
 		rc := b.wait()
 		out := b.output()
-		if final {
-			if rc != 0 || !strings.Contains(out, "POWERCUT-VERIFIED") {
-				b.fail("%s: the last boot (verify only) exited %d", mode, rc)
-			}
-		} else if cutAt.IsZero() || rc != 125 || strings.Contains(out, "GUEST-FAIL") {
-			b.fail("%s boot %d: the guest ended by itself (exit %d) before the power cut after %d fsynced files", mode, n, rc, after)
+		gf := b.guestFailure()
+		switch {
+		case final && (rc != 0 || !strings.Contains(out, "POWERCUT-VERIFIED")):
+			b.fail("%s: the last boot (verify only) exited %d: %s", mode, rc, gf)
+		case final:
+		case gf != "":
+			b.fail("%s boot %d: %s (%d of %d fsynced files before the cut were reported)", mode, n, gf, len(fresh), after)
+		case cutAt.IsZero():
+			b.fail("%s boot %d: the guest ended by itself (exit %d) after %d fsynced files, before the power cut after %d", mode, n, rc, len(fresh), after)
+		case rc != 125:
+			b.fail("%s boot %d: run.sh exited %d after the power cut, want 125 (the VM ended without an exit code)", mode, n, rc)
 		}
 		if n > 0 && !strings.Contains(out, "VERIFIED-AFTER-CUT") {
 			b.fail("%s boot %d: no verification after the cut", mode, n)

@@ -74,7 +74,7 @@ func TestKernelNodeReboot(t *testing.T) {
 		}
 		if rc != want || strings.Contains(out, "GUEST-FAIL") || (n == 0 && !strings.Contains(out, "REBOOTING")) ||
 			(n == 1 && !strings.Contains(out, "REBOOT-VERIFIED")) {
-			b.fail("boot %d: exit %d, want %d", n, rc, want)
+			b.fail("boot %d: exit %d, want %d %s", n, rc, want, b.guestFailure())
 		}
 		if n == 0 && len(fresh) == 0 {
 			b.fail("boot 0 reported nothing durable")

@@ -204,6 +204,7 @@ type boot struct {
 	lines   chan string
 	mu      sync.Mutex
 	out     []string
+	stderr  lockedBuffer // run.sh's and QEMU's own messages
 	done    chan struct{}
 	rc      int
 }
@@ -229,7 +230,9 @@ func startBoot(t *testing.T, dir, name string, disks []string, env ...string) *b
 	if err != nil {
 		t.Fatal(err)
 	}
-	b.cmd.Stderr = b.cmd.Stdout // after StdoutPipe: run.sh's own messages on the same pipe
+	// run.sh's and QEMU's own messages apart from the guest's lines: a
+	// warning written between two chunks of a guest line would mangle it.
+	b.cmd.Stderr = &b.stderr
 	if err := b.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -310,12 +313,52 @@ func (b *boot) wait() int {
 	return b.rc
 }
 
-// fail reports a failed boot with the guest's output and the console's tail.
+// fail reports a failed boot: the console's tail, the guest's last lines,
+// run.sh's own messages, and the reason last (CI shows a log's end).
 func (b *boot) fail(format string, args ...any) {
 	b.t.Helper()
 	cons, _ := os.ReadFile(b.console)
 	if len(cons) > 6000 {
 		cons = cons[len(cons)-6000:]
 	}
-	b.t.Fatalf("%s\n--- guest output:\n%s\n--- console (tail):\n%s", fmt.Sprintf(format, args...), b.output(), cons)
+	b.mu.Lock()
+	out := b.out
+	if len(out) > 150 {
+		out = out[len(out)-150:]
+	}
+	guest := strings.Join(out, "\n")
+	b.mu.Unlock()
+	why := fmt.Sprintf(format, args...)
+	b.t.Fatalf("%s\n--- console (tail):\n%s\n--- guest output (last %d lines):\n%s\n--- run.sh and QEMU:\n%s\n--- so: %s",
+		why, cons, len(out), guest, b.stderr.String(), why)
+}
+
+// guestFailure is the guest's GUEST-FAIL line, if it printed one.
+func (b *boot) guestFailure() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, l := range b.out {
+		if strings.HasPrefix(l, "GUEST-FAIL") {
+			return l
+		}
+	}
+	return ""
+}
+
+// lockedBuffer is an io.Writer several goroutines may write.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
 }
