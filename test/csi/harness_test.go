@@ -74,6 +74,7 @@ type env struct {
 	base, hdd, nvme, state, run, socket string
 	extra                               []string
 	kernel                              bool // every attach must be kernel-netlink (kernel_test.go)
+	lvm                                 bool // the pools are volume groups, not hdd and nvme (lvm_test.go)
 	cmd                                 *exec.Cmd
 	logf                                *os.File
 	conn                                *grpc.ClientConn
@@ -151,8 +152,12 @@ func (e *env) waitReady(limit time.Duration) time.Duration {
 // launch runs the plugin and waits until it listens.
 func (e *env) launch() {
 	e.t.Helper()
-	args := append([]string{"csi", "--endpoint", "unix://" + e.socket, "--node-id", "node-1",
-		"--hdd-pool", e.hdd, "--nvme-pool", e.nvme, "--state-dir", e.state, "--run-dir", e.run, "-v=2"}, e.extra...)
+	args := []string{"csi", "--endpoint", "unix://" + e.socket, "--node-id", "node-1",
+		"--state-dir", e.state, "--run-dir", e.run, "-v=2"}
+	if !e.lvm { // LVM pools come from the config file in extra (lvm_test.go)
+		args = append(args, "--hdd-pool", e.hdd, "--nvme-pool", e.nvme)
+	}
+	args = append(args, e.extra...)
 	e.cmd = pluginCommand(args...)
 	var err error
 	if e.logf == nil {
@@ -263,6 +268,9 @@ func (e *env) cleanup() {
 		}
 	}
 	for _, p := range []string{e.hdd, e.nvme} {
+		if e.lvm {
+			break
+		}
 		if out, err := exec.Command("umount", p).CombinedOutput(); err != nil {
 			e.t.Logf("umount pool %s: %v %s", p, err, out)
 			exec.Command("umount", "-l", p).Run()
