@@ -267,11 +267,13 @@ type Status struct {
 	CacheIOErrors          uint64         `json:"cache_io_errors"`
 	BackingIOErrors        uint64         `json:"backing_io_errors"`
 	LastError              string         `json:"last_error,omitempty"`
-	CacheSize              int64          `json:"cache_size"`
-	BackingSize            int64          `json:"backing_size"`
-	SegmentSize            int            `json:"segment_size"`
-	UUID                   string         `json:"uuid"`
-	Tunables               Tunables       `json:"tunables"`
+	// Health is the volume's state and its causes (health.go).
+	Health      Health   `json:"health"`
+	CacheSize   int64    `json:"cache_size"`
+	BackingSize int64    `json:"backing_size"`
+	SegmentSize int      `json:"segment_size"`
+	UUID        string   `json:"uuid"`
+	Tunables    Tunables `json:"tunables"`
 }
 
 // Counters are dm-writeboost's 16 hit/miss counters, named

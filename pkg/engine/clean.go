@@ -2,9 +2,8 @@ package engine
 
 import (
 	"errors"
+	"fmt"
 	"time"
-
-	"k8s.io/klog/v2"
 
 	"github.com/writeboost-csi/writeboost-csi/pkg/layout"
 )
@@ -253,14 +252,8 @@ func (e *Engine) cleanOnce(maxSegs int) (bool, error) {
 		id := from + uint64(v)
 		b := buf[at : at+(s[1]-s[0])*blockSize]
 		if _, err := e.cache.ReadAt(b, e.geo.DataBlockOffset(id, s[0])); err != nil {
-			// As for a read of the foreground: the volume goes on; the
-			// batch is left to writeback, which reads the same blocks
-			// and reports a failure where writers see it (wbErr).
-			e.mu.Lock()
-			e.mu.cacheErrors++
-			e.mu.Unlock()
-			klog.ErrorS(err, "cleaning: read of a segment failed; leaving it to writeback", "volume", e.name, "segment", id)
-			return false, nil
+			// The cache is dead from here on (health.go).
+			return true, e.cacheFailed(fmt.Errorf("cleaning: read segment %d: %w", id, err))
 		}
 		for ; k < ends[v]; k++ {
 			idx := int(uint64(items[k].pos) % uint64(e.nd))

@@ -41,6 +41,15 @@ func (e *Engine) Trim(off, length int64) error {
 	}
 	from := uint64((off + blockSize - 1) / blockSize)
 	to := uint64((off + length) / blockSize)
+	if dead, pass := e.dead(); dead {
+		switch {
+		case !pass:
+			return e.deadErr()
+		case e.backingDiscard != nil && from < to:
+			return e.discardBacking(from, to-from)
+		}
+		return nil // nothing is owed for a trim
+	}
 	for from < to {
 		n := min(to-from, maxDiscardBlocks)
 		if err := e.rangeRecord(from, n, layout.KindTrim); err != nil {
@@ -55,6 +64,12 @@ func (e *Engine) Trim(off, length int64) error {
 func (e *Engine) WriteZeroes(off, length int64) error {
 	if err := e.checkRange(off, length); err != nil {
 		return err
+	}
+	if dead, pass := e.dead(); dead {
+		if !pass {
+			return e.deadErr()
+		}
+		return e.zeroPassThrough(off, length)
 	}
 	end := off + length
 	firstFull := (off + blockSize - 1) / blockSize * blockSize

@@ -44,10 +44,60 @@
 //     not: the next Open finds the buffers of the dead process (checked
 //     against the cache's UUID and the kernel's boot id) and appends them to
 //     the log before serving. With heap buffers only flushed writes survive.
-//   - Device errors surface as errors wrapping syscall.EIO. A failed write
-//     or flush of the cache device makes the engine refuse further writes
-//     (reads go on where they can); a failed writeback is retried and shown
-//     in Status and Err.
+//   - Device errors surface as errors wrapping syscall.EIO. A failed
+//     writeback is retried and shown in Status, Health and Err. The first
+//     error of the cache device (read, write or flush) makes the cache
+//     dead: see "A dead cache device" below.
+//
+// # A dead cache device
+//
+// The first I/O error the cache device returns ends its use for the rest
+// of the open: nothing is read from or written to it again (no segment, no
+// checkpoint, no writeback read), so it stays exactly as it failed, for
+// `writeboost check` and for recovery. The flusher, writeback and the
+// cleaner stop. What the volume serves is decided at that moment, after
+// bcache's stop_when_cache_set_failed=auto and Open CAS's rules (health.go):
+//
+//   - Nothing owed to the backing device (no dirty block, no pending zero
+//     record) and the newest durable checkpoint passes every segment that
+//     may be on the device: pass-through. Reads, writes, zeroes and flushes
+//     go to the backing device (writes durable on Flush or FUA, as on any
+//     disk); Health is HealthPassThrough. No later recovery of this cache
+//     can replay a copy over what was passed through: the checkpoint says
+//     everything is written back, and the RAM buffers are marked replayed.
+//     A volume gets there by a drain (the preStop hook).
+//   - Otherwise the dirty data is stranded: HealthFailed, with the number
+//     of stranded blocks. A read of a sector whose newest data is stranded
+//     fails with EIO; the backing device's copy is stale, and serving it
+//     would hand the filesystem a mix of old and new metadata (bcache stops
+//     such a device; forcing it to run is how its users corrupted their
+//     filesystems). Reads of every other sector pass through. Writes,
+//     trims, zeroes, flushes and drains fail with EIO: a write to the
+//     backing device could be undone by a later recovery of the cache
+//     replaying an older copy, and a flush cannot make the stranded writes
+//     durable (Open CAS likewise fails I/O after a write-back error).
+//
+// Recovery, for an operator: stop the volume (unstage it, or stop
+// `writeboost serve`), then run `writeboost check --cache PATH`. If the
+// device reads and checks out (a transient fault, a loose cable), open it
+// again: recovery replays the log and writeback empties it; nothing is
+// lost. If it cannot be read, the stranded writes are gone with it: format
+// a new cache for the volume (`writeboost serve --reformat`, or delete and
+// re-create the cache slice) and check the filesystem on the backing
+// device (fsck), which holds everything written back before the failure.
+// A pass-through volume lost nothing: give it a new cache the same way,
+// or reopen the old one once it works again.
+//
+// # A cache device that lies about flushes
+//
+// Recovery trusts the checkpoint's last_flushed_id: every segment up to it
+// was durable before the checkpoint was written. If one of them reads
+// blank or corrupt, the device acknowledged flushes it did not do (a
+// volatile write cache without power-loss protection, a virtual disk with
+// cache=unsafe), and the writes in those segments are lost. The log ends
+// before them, as it must, and the volume opens, but the loss is logged at
+// error level and reported in Health (CauseLostFlushedSegments, with the
+// count and ids) for the driver's VolumeCondition and the metrics.
 //
 // # Files
 //
@@ -59,7 +109,8 @@
 // and zero records; writeback.go the writebacker goroutine and its batches;
 // clean.go the cleaner; pace.go the pacing of writes; ticker.go the
 // modulator goroutine and the backing utilisation it measures; drain.go
-// Drain; writearound.go write_around_mode; recover.go formatting and
+// Drain; writearound.go write_around_mode; health.go Health and a dead
+// cache device; recover.go formatting and
 // recovery; index.go the block index; buffer.go RAM buffer memory;
 // memory.go the memory figures; status.go Status and tunables; clock.go
 // the Clock; step.go stepping mode; grow.go Grow.

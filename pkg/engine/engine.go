@@ -6,8 +6,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"k8s.io/klog/v2"
-
 	"github.com/writeboost-csi/writeboost-csi/pkg/blockdev"
 	"github.com/writeboost-csi/writeboost-csi/pkg/layout"
 )
@@ -118,12 +116,21 @@ type Engine struct {
 		lastCkpt  time.Time
 
 		nrDirty uint64
-		err     error // sticky: the cache device failed; writes refuse
-		wbErr   error // last writeback failure (backing device)
-		closed  bool
-		stop    bool // goroutines exit
-		drains  int  // Drain calls in progress
-		urgent  bool
+		err     error // sticky: the cache device failed (health.go)
+		// What the volume serves since the cache failed (health.go):
+		// passThrough, or stranded blocks fail; cacheCause is the
+		// device's error.
+		passThrough bool
+		stranded    uint64
+		cacheCause  error
+		// lost: segments the checkpoint recorded as durable that
+		// recovery found blank or corrupt (ids from-to).
+		lost   struct{ n, from, to uint64 }
+		wbErr  error // last writeback failure (backing device)
+		closed bool
+		stop   bool // goroutines exit
+		drains int  // Drain calls in progress
+		urgent bool
 
 		tunables Tunables
 		bgAllow  bool
@@ -202,17 +209,6 @@ func (e *Engine) usableLocked() error {
 		return e.mu.err
 	}
 	return nil
-}
-
-// failLocked records a cache device failure: from now on writes and
-// flushes fail with EIO instead of waiting forever.
-func (e *Engine) failLocked(err error) {
-	e.mu.cacheErrors++
-	if e.mu.err == nil {
-		e.mu.err = fmt.Errorf("%w: cache device: %v", ErrIO, err)
-		klog.ErrorS(err, "cache device failed; the volume refuses writes", "volume", e.name)
-	}
-	e.cond.Broadcast()
 }
 
 // Err reports a device failure that makes the volume unhealthy.

@@ -147,12 +147,18 @@ func (e *Engine) Close() error {
 
 	e.mu.Lock()
 	err := e.mu.err
+	pass := e.mu.passThrough
 	wb := e.mu.wbDoneID
 	e.mu.Unlock()
 	if err == nil {
 		if err = e.syncWithCheckpoint(wb, true); err != nil {
 			err = fmt.Errorf("%w: %v", ErrIO, err)
 		}
+	} else if pass {
+		// Writes passed through since the cache failed are durable once
+		// the backing device is flushed; the cache's failure is still
+		// the error Close reports.
+		err = errors.Join(err, e.flushPassThrough())
 	}
 	if e.ownMem {
 		if cerr := e.mem.Close(); err == nil && cerr != nil {

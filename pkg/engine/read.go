@@ -25,6 +25,12 @@ func (e *Engine) ReadAt(p []byte, off int64) (int, error) {
 		return 0, err
 	}
 	for {
+		if dead, _ := e.dead(); dead {
+			if err := e.readDead(p, off); err != nil {
+				return 0, err
+			}
+			return len(p), nil
+		}
 		retry, err := e.readOnce(p, off)
 		if err != nil {
 			return 0, err
@@ -159,11 +165,11 @@ func (e *Engine) readOnce(p []byte, off int64) (retry bool, err error) {
 		buf := scratch[:(j-i)*blockSize]
 		idx := int(uint64(reads[i].pos) % uint64(e.nd))
 		if _, err := e.cache.ReadAt(buf, e.geo.DataBlockOffset(reads[i].sid, idx)); err != nil {
-			e.mu.Lock()
-			e.mu.cacheErrors++
-			e.mu.Unlock()
+			// The cache is dead from here on (health.go): the read is
+			// served again as a dead cache allows (ReadAt).
 			e.cancelCells(stage)
-			return false, fmt.Errorf("%w: cache device: %v", ErrIO, err)
+			_ = e.cacheFailed(fmt.Errorf("read segment %d: %w", reads[i].sid, err))
+			return true, nil
 		}
 		for k := i; k < j; k++ {
 			copyIn(reads[k].blk, buf[(k-i)*blockSize:], reads[k].mask)

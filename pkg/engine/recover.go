@@ -205,6 +205,18 @@ func (e *Engine) recover(ctx context.Context) error {
 	if ck.Clean && last < ck.LastFlushedID {
 		return fmt.Errorf("%w: the cache was shut down cleanly with segments up to %d, but only %d are readable", ErrCorrupt, ck.LastFlushedID, last)
 	}
+	if last < ck.LastFlushedID {
+		// Every segment up to last_flushed_id was durable before the
+		// checkpoint was written, so none of them may be missing after
+		// a crash: a cache device that acknowledged flushes it did not
+		// do (a volatile write cache that lies, a virtual disk with
+		// cache=unsafe) lost them, and the writes they held with them.
+		// The log ends before them, as it must (what follows is not
+		// trusted); say so loudly rather than open as if all were well.
+		e.mu.lost.n, e.mu.lost.from, e.mu.lost.to = ck.LastFlushedID-last, last+1, ck.LastFlushedID
+		klog.ErrorS(nil, "cache recovery: log segments recorded as durable are blank or corrupt; the cache device lost writes it acknowledged as flushed (does it ignore flushes?); data written before the crash may be lost, check the filesystem",
+			"volume", e.name, "lostSegments", e.mu.lost.n, "fromID", last+1, "toID", ck.LastFlushedID, "lastWritebackID", ck.LastWritebackID)
+	}
 
 	// Header copies are rewritten below only once the copies recovery
 	// took are durable.

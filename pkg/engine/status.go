@@ -33,6 +33,7 @@ func (e *Engine) Status() Status {
 		SegmentSize:           e.geo.SegmentSize,
 		UUID:                  formatUUID(e.uuid),
 		Tunables:              e.mu.tunables,
+		Health:                e.healthLocked(),
 	}
 	for _, n := range e.mu.discards {
 		s.PendingZeroBlocks += uint64(n)

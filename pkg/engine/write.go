@@ -32,6 +32,12 @@ func (e *Engine) WriteAt(p []byte, off int64) (int, error) {
 	if err := e.checkRange(off, int64(len(p))); err != nil {
 		return 0, err
 	}
+	if dead, pass := e.dead(); dead {
+		if pass {
+			return e.writePassThrough(p, off)
+		}
+		return 0, e.deadErr()
+	}
 	if e.tunables().WriteAroundMode {
 		return e.writeAround(p, off)
 	}
@@ -56,6 +62,9 @@ func (e *Engine) WriteAt(p []byte, off int64) (int, error) {
 func (e *Engine) WriteFUA(p []byte, off int64) error {
 	if _, err := e.WriteAt(p, off); err != nil {
 		return err
+	}
+	if _, pass := e.dead(); pass {
+		return e.flushPassThrough()
 	}
 	if e.tunables().WriteAroundMode {
 		return nil // write-around writes are durable on return
@@ -128,7 +137,7 @@ func (e *Engine) writeBlockLocked(blk uint64, first int, data []byte) error {
 				_, err := e.cache.ReadAt(old, off)
 				e.mu.Lock()
 				if err != nil {
-					e.mu.cacheErrors++
+					e.failLocked(err)
 					return fmt.Errorf("%w: read cached block %d for a partial overwrite: %v", ErrIO, blk, err)
 				}
 				oldPos, oldSid = pos, sid

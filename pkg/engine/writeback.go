@@ -77,6 +77,11 @@ func (e *Engine) writebackOnce(maxSegs int, checkpoint bool) (bool, error) {
 	e.wbMu.Lock()
 	defer e.wbMu.Unlock()
 	e.mu.Lock()
+	if err := e.mu.err; err != nil {
+		// A dead cache is not read again (health.go).
+		e.mu.Unlock()
+		return false, err
+	}
 	from := e.mu.wbDoneID + 1
 	to := min(e.mu.writtenID, e.mu.wbDoneID+uint64(maxSegs))
 	if from <= to {
@@ -167,7 +172,7 @@ func (e *Engine) writebackOnce(maxSegs int, checkpoint bool) (bool, error) {
 		}
 		buf := segData[segOff[id] : segOff[id]+counts[k]*blockSize]
 		if _, err := e.cache.ReadAt(buf, e.geo.DataBlockOffset(id, 0)); err != nil {
-			return true, e.wbFail(fmt.Errorf("read segment %d from the cache device: %w", id, err))
+			return true, e.cacheFailed(fmt.Errorf("writeback: read segment %d: %w", id, err))
 		}
 	}
 	for i := range items {
@@ -193,6 +198,9 @@ func (e *Engine) writebackOnce(maxSegs int, checkpoint bool) (bool, error) {
 	}
 	n, err := e.writeItems(items)
 	yielded := errors.Is(err, errYield)
+	if errors.Is(err, errCacheDead) {
+		return true, err
+	}
 	if err != nil && !yielded {
 		return true, e.wbFail(err)
 	}
@@ -368,7 +376,7 @@ func (e *Engine) readFills(items []wbItem, stretches [][2]int, run []byte, first
 	close(next)
 	wg.Wait()
 	if err := errors.Join(errs...); err != nil {
-		return err
+		return e.cacheFailed(err)
 	}
 	var moved [][2]int
 	e.mu.Lock()
@@ -498,6 +506,9 @@ func (e *Engine) wbFail(err error) error {
 
 // writebackWanted says whether the writeback goroutine should run a batch.
 func (e *Engine) writebackWantedLocked() bool {
+	if e.mu.err != nil {
+		return false // a dead cache is not read again (health.go)
+	}
 	if e.mu.urgent && e.mu.ckptWbID < e.mu.wbDoneID {
 		return true // only the checkpoint is missing
 	}
