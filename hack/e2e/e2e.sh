@@ -6,7 +6,9 @@
 #   3. the cluster (cluster.sh up), torn down on any exit (cluster.sh down)
 #   4. helm install of charts/writeboost-csi with values.yaml
 #   5. go test -tags e2e ./test/e2e
-# Needs root (mounts, loop devices, containers). Extra arguments go to go test.
+# Needs root (mounts, loop devices, containers). Extra arguments go to go test;
+# E2E_RUN=REGEXP runs only the matching scenarios (go test -run), e.g.
+# `make e2e E2E_RUN=TestClaimExpansionOnline`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . hack/e2e/env.sh
@@ -37,4 +39,4 @@ echo "e2e: helm install"
 helm install writeboost charts/writeboost-csi -n kube-system -f hack/e2e/values.yaml
 kubectl -n kube-system rollout status daemonset/writeboost-writeboost-csi-default --timeout=5m
 echo "e2e: scenarios"
-go test -tags e2e -count=1 -v -timeout 40m ./test/e2e/ "$@"
+go test -tags e2e -count=1 -v -timeout 40m ./test/e2e/ ${E2E_RUN:+-run "$E2E_RUN"} "$@"
