@@ -57,7 +57,13 @@ func TestMain(m *testing.M) {
 
 // run runs kubectl with stdin (if any) and returns its trimmed output.
 func run(stdin []byte, args ...string) (string, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	return runFor(3*time.Minute, stdin, args...)
+}
+
+// runFor is run with a timeout other than run's 3 minutes, for a long
+// kubectl exec.
+func runFor(timeout time.Duration, stdin []byte, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "kubectl", args...)
 	if stdin != nil {
