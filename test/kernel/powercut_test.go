@@ -228,9 +228,22 @@ func powerCutWorkload(mnt string, seed int64, n int) error {
 	phase("writing")
 	trimErr := make(chan error, 1)
 	go func() {
+		startFailures := 0
 		for {
-			if out, err := exec.Command("fstrim", mnt).CombinedOutput(); err != nil {
-				trimErr <- fmt.Errorf("fstrim: %v %s", err, out)
+			var out strings.Builder
+			cmd := exec.Command("fstrim", mnt)
+			cmd.Stdout, cmd.Stderr = &out, &out
+			if err := cmd.Start(); err != nil {
+				// fstrim comes from the host's root over 9p: a failed
+				// exec is the VM's plumbing, not a TRIM that failed.
+				// Retried a few times, and said on the output.
+				fmt.Printf("FSTRIM-NOT-STARTED %v\n", err)
+				if startFailures++; startFailures == 5 {
+					trimErr <- fmt.Errorf("fstrim could not be started 5 times: %w", err)
+					return
+				}
+			} else if err := cmd.Wait(); err != nil {
+				trimErr <- fmt.Errorf("fstrim: %v %s", err, out.String())
 				return
 			}
 			time.Sleep(200 * time.Millisecond)
