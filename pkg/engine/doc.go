@@ -65,7 +65,8 @@
 //     disk); Health is HealthPassThrough. No later recovery of this cache
 //     can replay a copy over what was passed through: the checkpoint says
 //     everything is written back, and the RAM buffers are marked replayed.
-//     A volume gets there by a drain (the preStop hook).
+//     A volume gets there by a drain (the preStop hook), or when
+//     writeback and a checkpoint have caught up.
 //   - Otherwise the dirty data is stranded: HealthFailed, with the number
 //     of stranded blocks. A read of a sector whose newest data is stranded
 //     fails with EIO; the backing device's copy is stale, and serving it

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/writeboost-csi/writeboost-csi/pkg/blockdev"
 	"github.com/writeboost-csi/writeboost-csi/pkg/layout"
@@ -334,5 +335,53 @@ func TestHealthCauses(t *testing.T) {
 	}
 	if h := e.Health(); h.State != HealthOK || len(h.Causes) != 0 {
 		t.Fatalf("healthy again: %+v", h)
+	}
+}
+
+// TestIdleVolumeCheckpointCatchesUp: once writeback has written back
+// everything and update_sb_record_interval has passed, a checkpoint
+// records it, so that a cache device failing afterwards finds nothing
+// the log could replay and the volume falls back to pass-through.
+func TestIdleVolumeCheckpointCatchesUp(t *testing.T) {
+	cache := newDeadCache(testSegments)
+	backing := blockdev.NewMem(8<<20, nil)
+	var clk *fakeClock
+	e := openTest(t, cache.attempts, backing, func(o *Options) {
+		stepping(o)
+		clk = o.Clock.(*fakeClock)
+		o.Tunables.WritebackThreshold = 100
+		o.Tunables.UpdateSbRecordInterval = 1
+	})
+	defer e.Close()
+	if _, err := e.WriteAt(block(0x42), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	// Two ticks seal the quiet buffer; the flusher writes it, a batch
+	// writes it back. No time has passed: the batch writes no checkpoint.
+	e.mu.Lock()
+	e.tickLocked(&e.step.tick)
+	e.tickLocked(&e.step.tick)
+	e.stepFlushLocked()
+	e.stepWritebackLocked(false)
+	behind := e.mu.ckptWbID < e.mu.wbDoneID && e.mu.wbDoneID == e.mu.sealedID && e.mu.nrDirty == 0
+	e.mu.Unlock()
+	if !behind {
+		t.Fatal("setup: want everything written back and the checkpoint behind")
+	}
+	clk.advance(2 * time.Second)
+	e.mu.Lock()
+	e.stepWritebackLocked(false)
+	caughtUp := e.mu.ckptWbID == e.mu.wbDoneID
+	e.mu.Unlock()
+	if !caughtUp {
+		t.Fatal("an idle volume's checkpoint did not catch up with writeback after update_sb_record_interval")
+	}
+	cache.kill()
+	mustRead(t, e, 0, block(0x42), "read after the cache of an idle, written-back volume died")
+	if h := e.Health(); h.State != HealthPassThrough {
+		t.Fatalf("the cache of an idle, written-back volume died: %+v, want pass-through", h)
 	}
 }

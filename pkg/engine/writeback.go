@@ -90,7 +90,7 @@ func (e *Engine) writebackOnce(maxSegs int, checkpoint bool) (bool, error) {
 	if from > to {
 		// Nothing to write back; a full ring may still wait for the
 		// checkpoint of what was written back before.
-		pending := e.mu.ckptWbID < e.mu.wbDoneID && (checkpoint || e.mu.urgent)
+		pending := e.mu.ckptWbID < e.mu.wbDoneID && (checkpoint || e.mu.urgent || e.catchUpDueLocked())
 		wb := e.mu.wbDoneID
 		e.mu.Unlock()
 		if pending {
@@ -513,6 +513,9 @@ func (e *Engine) writebackWantedLocked() bool {
 		return true // only the checkpoint is missing
 	}
 	if e.mu.wbDoneID >= e.mu.writtenID {
+		if e.catchUpDueLocked() {
+			return true // only the checkpoint is missing
+		}
 		// Nothing on the cache device to write back; a drain or a full ring
 		// waits for the flusher to write the RAM buffers.
 		if e.mu.drains > 0 || e.mu.urgent {
@@ -530,6 +533,19 @@ func (e *Engine) writebackWantedLocked() bool {
 		return true
 	}
 	return e.mu.bgAllow && !e.bgHeldLocked()
+}
+
+// catchUpDueLocked reports whether writeback has caught up with
+// everything on the cache device, but no checkpoint says so yet and
+// update_sb_record_interval has passed since the last one. A batch writes
+// a checkpoint only when one is due, and flushes write one, so an idle
+// volume would otherwise keep a stale last_writeback_id for ever: a
+// recovery would replay segments already written back, and a cache device
+// failing meanwhile could not fall back to pass-through (health.go).
+func (e *Engine) catchUpDueLocked() bool {
+	iv := e.mu.tunables.UpdateSbRecordInterval
+	return iv > 0 && e.mu.ckptWbID < e.mu.wbDoneID && e.mu.wbDoneID >= e.mu.writtenID &&
+		e.clock.Now().Sub(e.mu.lastCkpt) >= time.Duration(iv)*time.Second
 }
 
 func (e *Engine) writebacker() {
