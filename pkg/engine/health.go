@@ -173,10 +173,15 @@ func (e *Engine) healthLocked() Health {
 	return h
 }
 
-// errCacheDead marks errors of a cache device that failed (failLocked
-// made it dead), so that writeback does not count them as the backing
-// device's.
-var errCacheDead = errors.New("cache device failed")
+// ErrCacheFailed is wrapped by every error that comes of the cache
+// device's failure (with ErrIO): requests refused since, and Close, which
+// cannot record a clean shutdown on a dead device. Callers that stop a
+// volume use it to tell that retrying the close cannot do better.
+var ErrCacheFailed = errors.New("cache device failed")
+
+// errCacheDead is ErrCacheFailed inside the engine, where it also tells
+// writeback that an error was the cache device's, not the backing's.
+var errCacheDead = ErrCacheFailed
 
 // cacheFailed records err, returned by the cache device, as the failure
 // of the cache and returns an error for the caller.
@@ -195,7 +200,7 @@ func (e *Engine) failLocked(err error) {
 	if e.mu.err != nil {
 		return
 	}
-	e.mu.err = fmt.Errorf("%w: cache device: %v", ErrIO, err)
+	e.mu.err = fmt.Errorf("%w: %w: %v", ErrIO, ErrCacheFailed, err)
 	e.mu.cacheCause = err
 	// Segments that may be on the device: every sealed one, and the open
 	// one once a partial write of it has started.

@@ -163,6 +163,9 @@ type Volume struct {
 		// dirtyClose: the engine's Close failed, so its clean checkpoint
 		// may be missing: a later Stop reopens (recovers) and closes again.
 		dirtyClose bool
+		// cacheFailed: that Close failed because the cache device had
+		// failed (engine.ErrCacheFailed).
+		cacheFailed bool
 	}
 	serveWG sync.WaitGroup
 	done    chan error // the NBD server stopped on its own
@@ -450,6 +453,18 @@ func (v *Volume) stop(ctx context.Context, detach, keepBuffer bool) error {
 		// A retry after a failed Close: recover and close again.
 		if err := v.openEngineLocked(ctx, false, false); err != nil {
 			v.closeDevicesLocked()
+			if v.mu.cacheFailed && errors.Is(err, engine.ErrIO) {
+				// The cache device failed while the volume ran and still
+				// fails: no retry can close it cleanly, and an unstage
+				// that never succeeds helps nobody. Stop, leaving the
+				// cache as it failed (for `writeboost check` and the
+				// recovery of the next Stage) and the RAM buffer file,
+				// which may hold writes the cache device does not.
+				klog.ErrorS(err, "Volume stopped without a clean close: its cache device failed and still cannot be opened; the cache and the RAM buffer file are left for recovery",
+					"volume", v.cfg.ID, "cache", v.cfg.CachePath)
+				v.mu.dirtyClose, v.mu.stopped = false, true
+				return nil
+			}
 			return fmt.Errorf("reopen to close cleanly: %w", err)
 		}
 	}
@@ -458,6 +473,7 @@ func (v *Volume) stop(ctx context.Context, detach, keepBuffer bool) error {
 		v.mu.eng = nil
 		if err != nil {
 			v.mu.dirtyClose = true
+			v.mu.cacheFailed = errors.Is(err, engine.ErrCacheFailed)
 			v.closeDevicesLocked()
 			return fmt.Errorf("close cache engine: %w", err)
 		}

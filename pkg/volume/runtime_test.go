@@ -269,6 +269,52 @@ func TestStopRetriesAFailedClose(t *testing.T) {
 	}
 }
 
+// TestStopConvergesWithDeadCache: a volume whose cache device died stops
+// on the retry even though the device still fails (a retry that could
+// never succeed would wedge NodeUnstage), keeps the RAM buffer file, and
+// leaves the cache as it failed: once the device works again, an open
+// recovers the write that only the RAM buffer held.
+func TestStopConvergesWithDeadCache(t *testing.T) {
+	m := newMemVolume(t)
+	ctx := context.Background()
+	v, err := Start(ctx, m.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte{0xc3}, 4096)
+	if _, err := v.Engine().WriteAt(data, 0); err != nil {
+		t.Fatal(err)
+	}
+	m.cache.FailReadsAfter(0, syscall.EIO)
+	m.cache.FailWritesAfter(0, syscall.EIO)
+	m.cache.FailFlushesAfter(0, syscall.EIO)
+	if err := v.Stop(ctx); !errors.Is(err, engine.ErrCacheFailed) {
+		t.Fatalf("stop with a dead cache: %v, want the cache's failure", err)
+	}
+	if err := v.Stop(ctx); err != nil {
+		t.Fatalf("retry with the cache still dead: %v", err)
+	}
+	if err := v.Stop(ctx); err != nil {
+		t.Fatalf("second retry: %v", err)
+	}
+	if n := m.att.attached(); n != 0 {
+		t.Fatalf("%d attachments left", n)
+	}
+	if _, err := os.Stat(m.cfg.BufferPath); err != nil {
+		t.Fatalf("the RAM buffer file must be kept when the cache failed: %v", err)
+	}
+	m.cache.Reset()
+	e, err := engine.Open(engine.Options{Cache: m.cache, Backing: m.backing, BufferPath: m.cfg.BufferPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	got := make([]byte, 4096)
+	if _, err := e.ReadAt(got, 0); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("the write held only by the RAM buffer was not recovered: %v", err)
+	}
+}
+
 func TestStopRetriesAFailedDetach(t *testing.T) {
 	m := newMemVolume(t)
 	ctx := context.Background()
