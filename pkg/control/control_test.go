@@ -388,3 +388,23 @@ func TestWriteStatusNamesEveryField(t *testing.T) {
 		t.Errorf("empty last_error printed:\n%s", out)
 	}
 }
+
+// TestWriteStatusHealth: the health state and each cause's message are
+// printed one per line, readable by a person.
+func TestWriteStatusHealth(t *testing.T) {
+	st := engine.Status{Health: engine.Health{State: engine.HealthDegraded, Causes: []engine.Cause{
+		{Kind: engine.CauseWritebackFailing, Message: "writeback to the backing device is failing"},
+		{Kind: engine.CauseBackingIOErrors, Message: "3 I/O errors on the backing device"}}}}
+	var b strings.Builder
+	if err := WriteStatus(&b, st); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	for _, want := range []string{"health:", "  state ", "degraded\n", "  causes:",
+		"    writeback_failing ", "writeback to the backing device is failing\n",
+		"    backing_io_errors ", "3 I/O errors on the backing device\n"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status text lacks %q:\n%s", want, out)
+		}
+	}
+}

@@ -37,6 +37,20 @@ func writeFields(w io.Writer, v reflect.Value, indent string) {
 			writeFields(w, fv, indent+"  ")
 			continue
 		}
+		if fv.Kind() == reflect.Slice && fv.Type().Elem().Kind() == reflect.Struct {
+			// A list of records (health causes): one line each, its
+			// first field as the key, the rest as the value.
+			fmt.Fprintf(w, "%s%s:\t\n", indent, name)
+			for j := 0; j < fv.Len(); j++ {
+				el := fv.Index(j)
+				var rest []string
+				for k := 1; k < el.NumField(); k++ {
+					rest = append(rest, fmt.Sprint(el.Field(k).Interface()))
+				}
+				fmt.Fprintf(w, "%s  %v\t%s\n", indent, el.Field(0).Interface(), strings.Join(rest, " "))
+			}
+			continue
+		}
 		fmt.Fprintf(w, "%s%s\t%s\n", indent, name, formatValue(name, fv))
 	}
 }

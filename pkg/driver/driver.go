@@ -299,6 +299,17 @@ func (d *Driver) recovering(id string) bool {
 	return d.rec.ids[id]
 }
 
+// recoveringIDs lists the volumes whose recovery is running (metrics).
+func (d *Driver) recoveringIDs() []string {
+	d.rec.Lock()
+	defer d.rec.Unlock()
+	ids := make([]string, 0, len(d.rec.ids))
+	for id := range d.rec.ids {
+		ids = append(ids, id)
+	}
+	return ids
+}
+
 // readopting reports how many volumes are still recovering, and whether a
 // re-adoption is running at all.
 func (d *Driver) readopting() (int, bool) {

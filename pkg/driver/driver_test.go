@@ -26,6 +26,7 @@ type fakeRuntime struct {
 	mu      sync.Mutex
 	running map[string]volume.Spec
 	err     error // engine error reported by Get
+	health  engine.Health
 	stages  int
 	grows   int
 }
@@ -56,7 +57,7 @@ func (f *fakeRuntime) Get(id string) (volume.Info, bool) {
 		return volume.Info{}, false
 	}
 	fi, _ := os.Stat(s.BackingPath)
-	return volume.Info{Device: "/dev/fake-" + id, Size: fi.Size(), Err: f.err, Status: engine.Status{}}, true
+	return volume.Info{Device: "/dev/fake-" + id, Size: fi.Size(), Err: f.err, Status: engine.Status{Health: f.health}}, true
 }
 
 // Grow checks that the pool grew the backing first, as the engine does.
@@ -266,6 +267,48 @@ func TestVolumeConditionAndReadopt(t *testing.T) {
 		t.Fatal("engine error not reported as abnormal")
 	}
 	rt.err = nil
+	// Each health the engine reports reaches the condition, with its
+	// message; a full, paced log alone is load, not a fault.
+	for _, tc := range []struct {
+		h        engine.Health
+		abnormal bool
+		words    []string
+	}{
+		{engine.Health{State: engine.HealthOK}, false, []string{"healthy"}},
+		{engine.Health{State: engine.HealthPassThrough, Causes: []engine.Cause{{Kind: engine.CauseCacheFailed, Message: "the cache device failed (EIO) with nothing dirty"}}},
+			true, []string{"pass-through", "the cache device failed (EIO) with nothing dirty"}},
+		{engine.Health{State: engine.HealthFailed, StrandedBlocks: 3, Causes: []engine.Cause{{Kind: engine.CauseCacheFailed, Message: "3 dirty blocks"}}},
+			true, []string{"cache failed holding data not yet written back", "3 dirty blocks"}},
+		{engine.Health{State: engine.HealthDegraded, Causes: []engine.Cause{{Kind: engine.CauseWritebackFailing, Message: "writeback is failing"}, {Kind: engine.CauseBackingIOErrors, Message: "2 I/O errors"}}},
+			true, []string{"degraded", "writeback is failing", "2 I/O errors"}},
+		{engine.Health{State: engine.HealthDegraded, LostFlushedSegments: 2, Causes: []engine.Cause{{Kind: engine.CauseLostFlushedSegments, Message: "2 log segments lost"}}},
+			true, []string{"2 log segments lost"}},
+		{engine.Health{State: engine.HealthDegraded, Causes: []engine.Cause{{Kind: engine.CauseLogFull, Message: "the log is 90% full: writes are slowed"}}},
+			false, []string{"the log is 90% full"}},
+	} {
+		rt.mu.Lock()
+		rt.health = tc.h
+		rt.mu.Unlock()
+		c := stats()
+		if c.Abnormal != tc.abnormal {
+			t.Fatalf("health %+v: condition %v, want abnormal %v", tc.h, c, tc.abnormal)
+		}
+		for _, w := range tc.words {
+			if !strings.Contains(c.Message, w) {
+				t.Fatalf("health %+v: message %q does not say %q", tc.h, c.Message, w)
+			}
+		}
+	}
+	rt.mu.Lock()
+	rt.health = engine.Health{}
+	rt.mu.Unlock()
+	// A volume whose recovery after a restart is running says so.
+	d.markRecovering([]nodestate.Volume{{ID: id}})
+	if c := stats(); !c.Abnormal || !strings.Contains(c.Message, "recovering") {
+		t.Fatalf("recovering volume: %v", c)
+	}
+	d.doneRecovering(id)
+	d.readoptFinished()
 
 	// A new driver over the same state (a restarted plugin) re-adopts the
 	// staged volume.

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
+	"github.com/writeboost-csi/writeboost-csi/pkg/engine"
 	"github.com/writeboost-csi/writeboost-csi/pkg/nodestate"
 	"github.com/writeboost-csi/writeboost-csi/pkg/params"
 	"github.com/writeboost-csi/writeboost-csi/pkg/pool"
@@ -450,14 +451,8 @@ func (s NodeServer) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolu
 	if err != nil {
 		return nil, status.Errorf(codes.NotFound, "volume %s: path %s: %v", id, path, err)
 	}
-	cond := &csi.VolumeCondition{Abnormal: false, Message: "healthy"}
 	info, running := d.opts.Runtime.Get(id)
-	switch {
-	case !running:
-		cond = &csi.VolumeCondition{Abnormal: true, Message: "the cache engine of this volume is not running"}
-	case info.Err != nil:
-		cond = &csi.VolumeCondition{Abnormal: true, Message: fmt.Sprintf("I/O error on the cache or backing device: %v", info.Err)}
-	}
+	cond := volumeCondition(info, running, d.recovering(id))
 	if !fi.IsDir() {
 		size := v.Capacity
 		if running {
@@ -559,4 +554,46 @@ func (s NodeServer) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitie
 func (s NodeServer) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
 	return &csi.NodeGetInfoResponse{NodeId: s.d.opts.NodeID, MaxVolumesPerNode: int64(s.d.opts.MaxVolumes),
 		AccessibleTopology: s.d.topology()}, nil
+}
+
+// volumeCondition says, for a person reading `kubectl describe` or the
+// kubelet's events, what is wrong with a volume (the engine's Health) and
+// what it means for their data. A log that is full and paced is reported
+// but not abnormal: it is the load outrunning the backing device, not a
+// fault.
+func volumeCondition(info volume.Info, running, recovering bool) *csi.VolumeCondition {
+	switch {
+	case recovering:
+		return &csi.VolumeCondition{Abnormal: true, Message: "recovering: the plugin restarted and the volume's cache is being reopened and its log replayed; I/O to the volume resumes when that finishes"}
+	case !running:
+		return &csi.VolumeCondition{Abnormal: true, Message: "the cache engine of this volume is not running: I/O to the volume fails until it is staged again"}
+	}
+	h := info.Status.Health
+	if h.State == "" || (h.State == engine.HealthOK && info.Err != nil) {
+		// A runtime that does not report health: the sticky error.
+		if info.Err != nil {
+			return &csi.VolumeCondition{Abnormal: true, Message: fmt.Sprintf("I/O error on the cache or backing device: %v", info.Err)}
+		}
+		return &csi.VolumeCondition{Message: "healthy"}
+	}
+	if h.State == engine.HealthOK {
+		return &csi.VolumeCondition{Message: "healthy"}
+	}
+	abnormal := false
+	for _, c := range h.Causes {
+		abnormal = abnormal || c.Kind != engine.CauseLogFull
+	}
+	abnormal = abnormal || h.State == engine.HealthFailed || h.State == engine.HealthPassThrough
+	return &csi.VolumeCondition{Abnormal: abnormal, Message: fmt.Sprintf("%s: %s", healthSummary(h.State), h.Message())}
+}
+
+// healthSummary is the first words of a condition's message.
+func healthSummary(s engine.HealthState) string {
+	switch s {
+	case engine.HealthPassThrough:
+		return "cache failed, volume running uncached (pass-through)"
+	case engine.HealthFailed:
+		return "cache failed holding data not yet written back: writes, and reads of that data, fail"
+	}
+	return string(s)
 }

@@ -236,7 +236,7 @@ func (d *Driver) Serve(ctx context.Context, cfg Config) error {
 	var https []*http.Server
 	if cfg.MetricsAddress != "" {
 		reg := prometheus.NewRegistry()
-		reg.MustRegister(metrics.NewCollector(d.opts.NodeID, d.statuses).WithPools(d.poolWipes).WithBudget(d.budgetFigures))
+		reg.MustRegister(metrics.NewCollector(d.opts.NodeID, d.statuses).WithPools(d.poolWipes).WithBudget(d.budgetFigures).WithRecovering(d.recoveringIDs))
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 		https = append(https, &http.Server{Addr: cfg.MetricsAddress, Handler: mux, ReadHeaderTimeout: 10 * time.Second})

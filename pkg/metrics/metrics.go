@@ -38,6 +38,9 @@ type Collector struct {
 	dirty, cacheSize, backingSize, readHit, writeHit, wbRate, wbLag, util *prometheus.Desc
 	wbBytes, flushes, flushSeconds, ioErrors                              *prometheus.Desc
 	cleanedBlocks, reclaimedSegments, cacheWA                             *prometheus.Desc
+	health, cause, lostSegments, stranded, paced                          *prometheus.Desc
+	recovering                                                            *prometheus.Desc
+	recoveringSrc                                                         func() []string
 }
 
 // NewCollector returns a collector labelling every series with node.
@@ -62,6 +65,18 @@ func NewCollector(node string, src Source) *Collector {
 		cleanedBlocks:     d("cleaned_blocks_total", "Live dirty blocks the log's cleaner copied forward in the cache instead of waiting for writeback."),
 		reclaimedSegments: d("reclaimed_segments_total", "Oldest log segments whose ring slots were freed, by how: cleaned (live blocks copied forward) or written back.", "by"),
 		cacheWA:           d("cache_write_amplification", "Blocks appended to the cache's log per block written by the volume's users since the volume was opened (1 without cleaning)."),
+		health: d("health_state", "1 for the volume's health state, 0 for the others: ok, degraded (serving, something needs attention: see writeboost_health_cause), "+
+			"pass-through (the cache device failed with nothing dirty; served uncached from the backing device), "+
+			"failed (the cache device failed holding dirty data: writes and reads of that data fail with EIO).", "state"),
+		cause: d("health_cause", "1 while the cause applies, else 0: cache_failed (the cache device returned an I/O error and is no longer used), "+
+			"backing_io_errors (the backing device returned I/O errors since the volume was opened), writeback_failing (writeback to the backing device fails and is retried), "+
+			"log_full (the cache's log is nearly full: writes are paced to writeback's speed, or wait for it), "+
+			"lost_flushed_segments (recovery found log segments recorded as durable blank or corrupt: the cache device lost flushed writes).", "cause"),
+		lostSegments: d("lost_flushed_segments", "Log segments the checkpoint recorded as durable that recovery found blank or corrupt when the volume was opened (a cache device that ignores flushes)."),
+		stranded:     d("stranded_dirty_bytes", "Bytes whose newest data was only on the cache device when it failed: reads of them fail with EIO until the cache is recovered."),
+		paced:        d("paced_writes_total", "Writes slowed because the cache's log was nearly full (the backing device is the bottleneck)."),
+		recovering: prometheus.NewDesc("writeboost_volume_recovering",
+			"1 while a staged volume's cache is being reopened and its log replayed after a restart of the plugin; its I/O waits until then.", []string{"volume", "node"}, nil),
 		wipePending: prometheus.NewDesc("writeboost_pool_wipe_pending_bytes",
 			"Bytes of deleted volumes (or adopted free space) still being zeroed; they are not free for new volumes until wiped.", []string{"pool", "node"}, nil),
 		wiped: prometheus.NewDesc("writeboost_pool_wiped_bytes_total",
@@ -81,6 +96,13 @@ func (c *Collector) WithBudget(b BudgetSource) *Collector {
 	return c
 }
 
+// WithRecovering adds the volumes whose recovery after a restart is
+// running (they have no Status yet).
+func (c *Collector) WithRecovering(r func() []string) *Collector {
+	c.recoveringSrc = r
+	return c
+}
+
 // WithPools adds the pools' wipe figures.
 func (c *Collector) WithPools(p PoolSource) *Collector {
 	c.pools = p
@@ -90,7 +112,8 @@ func (c *Collector) WithPools(p PoolSource) *Collector {
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.dirty, c.cacheSize, c.backingSize, c.readHit, c.writeHit, c.wbRate,
-		c.wbLag, c.util, c.wbBytes, c.flushes, c.flushSeconds, c.ioErrors, c.cleanedBlocks, c.reclaimedSegments, c.cacheWA, c.wipePending, c.wiped, c.memory, c.memReserved, c.budgetBytes, c.budgetReserved} {
+		c.wbLag, c.util, c.wbBytes, c.flushes, c.flushSeconds, c.ioErrors, c.cleanedBlocks, c.reclaimedSegments, c.cacheWA, c.wipePending, c.wiped, c.memory, c.memReserved, c.budgetBytes, c.budgetReserved,
+		c.health, c.cause, c.lostSegments, c.stranded, c.paced, c.recovering} {
 		ch <- d
 	}
 }
@@ -112,6 +135,11 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(c.budgetBytes, prometheus.GaugeValue, float64(limit), c.node)
 		ch <- prometheus.MustNewConstMetric(c.budgetReserved, prometheus.GaugeValue, float64(sum), c.node)
+	}
+	if c.recoveringSrc != nil {
+		for _, vol := range c.recoveringSrc() {
+			ch <- prometheus.MustNewConstMetric(c.recovering, prometheus.GaugeValue, 1, vol, c.node)
+		}
 	}
 	for vol, s := range c.src() {
 		g := func(d *prometheus.Desc, v float64, extra ...string) {
@@ -144,5 +172,23 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		g(c.memory, float64(s.Memory.Index), "index")
 		g(c.memory, float64(s.Memory.Buffers), "buffers")
 		g(c.memory, float64(s.Memory.Scratch), "scratch")
+		if s.Health.State != "" { // a Status from an engine, not a test's zero value
+			for _, st := range engine.HealthStates {
+				g(c.health, b2f(s.Health.State == st), string(st))
+			}
+			for _, k := range engine.CauseKinds {
+				g(c.cause, b2f(s.Health.Has(k)), string(k))
+			}
+		}
+		g(c.lostSegments, float64(s.Health.LostFlushedSegments))
+		g(c.stranded, float64(s.Health.StrandedBlocks*blockSize))
+		k(c.paced, float64(s.PacedWrites))
 	}
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
 }

@@ -105,3 +105,74 @@ writeboost_reclaimed_segments_total{by="writeback",node="node-a",volume="vol-1"}
 		t.Fatal(err)
 	}
 }
+
+// TestCollectorHealth: the engine's health state and causes are exported
+// one series per state and cause (1 for those that apply), with the lost
+// flushed segments, stranded bytes, paced writes and recovering volumes.
+func TestCollectorHealth(t *testing.T) {
+	c := NewCollector("node-a", func() map[string]engine.Status {
+		return map[string]engine.Status{
+			"vol-1": {PacedWrites: 7, Health: engine.Health{State: engine.HealthFailed, StrandedBlocks: 2, LostFlushedSegments: 1,
+				Causes: []engine.Cause{{Kind: engine.CauseCacheFailed}, {Kind: engine.CauseLostFlushedSegments}}}},
+			"vol-2": {Health: engine.Health{State: engine.HealthOK}},
+		}
+	}).WithRecovering(func() []string { return []string{"vol-3"} })
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(c)
+	want := `
+# HELP writeboost_lost_flushed_segments Log segments the checkpoint recorded as durable that recovery found blank or corrupt when the volume was opened (a cache device that ignores flushes).
+# TYPE writeboost_lost_flushed_segments gauge
+writeboost_lost_flushed_segments{node="node-a",volume="vol-1"} 1
+writeboost_lost_flushed_segments{node="node-a",volume="vol-2"} 0
+# HELP writeboost_stranded_dirty_bytes Bytes whose newest data was only on the cache device when it failed: reads of them fail with EIO until the cache is recovered.
+# TYPE writeboost_stranded_dirty_bytes gauge
+writeboost_stranded_dirty_bytes{node="node-a",volume="vol-1"} 8192
+writeboost_stranded_dirty_bytes{node="node-a",volume="vol-2"} 0
+# HELP writeboost_paced_writes_total Writes slowed because the cache's log was nearly full (the backing device is the bottleneck).
+# TYPE writeboost_paced_writes_total counter
+writeboost_paced_writes_total{node="node-a",volume="vol-1"} 7
+writeboost_paced_writes_total{node="node-a",volume="vol-2"} 0
+# HELP writeboost_volume_recovering 1 while a staged volume's cache is being reopened and its log replayed after a restart of the plugin; its I/O waits until then.
+# TYPE writeboost_volume_recovering gauge
+writeboost_volume_recovering{node="node-a",volume="vol-3"} 1
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "writeboost_lost_flushed_segments",
+		"writeboost_stranded_dirty_bytes", "writeboost_paced_writes_total", "writeboost_volume_recovering"); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "writeboost_health_state" && mf.GetName() != "writeboost_health_cause" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			key := mf.GetName()
+			for _, l := range m.GetLabel() {
+				if l.GetName() != "node" {
+					key += "," + l.GetValue()
+				}
+			}
+			got[key] = m.GetGauge().GetValue()
+		}
+	}
+	if len(got) != 2*(len(engine.HealthStates)+len(engine.CauseKinds)) {
+		t.Fatalf("%d health series, want every state and cause for each of 2 volumes: %v", len(got), got)
+	}
+	for key, want := range map[string]float64{
+		"writeboost_health_state,failed,vol-1":                1,
+		"writeboost_health_state,ok,vol-1":                    0,
+		"writeboost_health_state,ok,vol-2":                    1,
+		"writeboost_health_cause,cache_failed,vol-1":          1,
+		"writeboost_health_cause,lost_flushed_segments,vol-1": 1,
+		"writeboost_health_cause,writeback_failing,vol-1":     0,
+		"writeboost_health_cause,cache_failed,vol-2":          0,
+	} {
+		if got[key] != want {
+			t.Errorf("%s = %v, want %v", key, got[key], want)
+		}
+	}
+}
