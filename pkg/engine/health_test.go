@@ -4,9 +4,15 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"k8s.io/klog/v2"
 
 	"github.com/writeboost-csi/writeboost-csi/pkg/blockdev"
 	"github.com/writeboost-csi/writeboost-csi/pkg/layout"
@@ -248,17 +254,53 @@ func TestLostFlushedSegmentsReported(t *testing.T) {
 	if h := healthOfClean(t); h.Has(CauseLostFlushedSegments) {
 		t.Fatalf("a cache that lost nothing reports lost segments: %+v", h)
 	}
+	log := captureLog(t)
 	e2, err := Open(Options{Cache: cache, Backing: backing, SegmentSize: testSegSize, RAMBuffers: 2, Tunables: DefaultTunables()})
 	if err != nil {
 		t.Fatalf("open of a cache that lost flushed segments: %v", err)
 	}
 	defer e2.Close()
+	if out := log(); !strings.Contains(out, "\nE") || !strings.Contains(out, "log segments recorded as durable are blank or corrupt") ||
+		!strings.Contains(out, fmt.Sprintf("fromID=%d", lostID)) {
+		t.Fatalf("the loss is not logged at error level with the segment ids:\n%s", out)
+	}
 	h := e2.Health()
 	if h.State != HealthDegraded || !h.Has(CauseLostFlushedSegments) || h.LostFlushedSegments != 1 {
 		t.Fatalf("after recovery found segment %d (recorded durable) blank: %+v", lostID, h)
 	}
 	if st := e2.Status(); !st.Health.Has(CauseLostFlushedSegments) {
 		t.Fatalf("status does not show the lost segments: %+v", st.Health)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for klog's writers.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+// captureLog sends klog's output to a buffer until the test ends, and
+// returns what it holds so far, the preceding newline included.
+func captureLog(t *testing.T) func() string {
+	b := &syncBuffer{}
+	b.buf.WriteByte('\n')
+	klog.LogToStderr(false)
+	klog.SetOutput(b)
+	t.Cleanup(func() {
+		klog.SetOutput(os.Stderr)
+		klog.LogToStderr(true)
+	})
+	return func() string {
+		klog.Flush()
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		return b.buf.String()
 	}
 }
 
