@@ -74,7 +74,7 @@ writes a clean checkpoint.`,
 	f.Var(sizeValue{&cfg.backingSize}, "backing-size", "size of the backing image when it is created")
 	f.Var(sizeValue{&cfg.cacheSize}, "cache-size", "size of the cache image when it is created")
 	f.Var(sizeValue{&cfg.segmentSize}, "segment-size", "segment size when formatting (default: the engine's, 512KiB)")
-	f.IntVar(&cfg.ramBuffers, "ram-buffers", 0, "number of segment-sized RAM buffers (default: the engine's)")
+	f.IntVar(&cfg.ramBuffers, "ram-buffers", 0, "number of segment-sized RAM buffers (default: the engine's, 16: 8 MiB of 512 KiB segments, room for deep queues of large writes; fewer on a cache of under 64 segments)")
 	f.StringVar(&cfg.bufferFile, "buffer-file", bufferAuto, `file mapped for the RAM buffers; "auto" picks /dev/shm/writeboost-<hash of the cache path>.buf, "" keeps them on the heap (a killed server then loses unflushed writes)`)
 	f.StringVar(&cfg.exportName, "export-name", "", "NBD export name")
 	f.BoolVar(&cfg.simulateHDD, "simulate-hdd", false, "put the simulated HDD model (seek, rotation, transfer; real sleeps) in front of the backing device, for demos and benchmarks")

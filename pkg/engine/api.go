@@ -186,7 +186,9 @@ type Options struct {
 	// 4 KiB between 16 KiB and 1 MiB).
 	SegmentSize int
 
-	// RAMBuffers is the number of segment-sized RAM buffers (default 4).
+	// RAMBuffers is the number of segment-sized RAM buffers (default 16,
+	// 8 MiB of 512 KiB segments, or a quarter of a smaller ring; see
+	// defaultBuffers).
 	RAMBuffers int
 	// Buffer holds the RAM buffers. Memory that outlives the process (a
 	// shared mapping of a file, see OpenBufferFile) makes acknowledged but

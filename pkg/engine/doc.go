@@ -160,14 +160,14 @@
 // (memory.go, EstimateMemory; pkg/membudget adds the NBD request payloads)
 // is: the index, about 13 bytes per 4 KiB cache block (3.3 MiB per GiB of
 // cache, 0.32 % of its size), held for as long as the volume is open; the
-// RAM buffers, 4 x (512 KiB + 4 KiB) = 2 MiB at the defaults; the
+// RAM buffers, 16 x (512 KiB + 4 KiB) = 8 MiB at the defaults; the
 // writeback scratch, up to 16 MiB + 4 MiB while a batch runs. Nothing
 // else grows with the volume. The limits a node applies are the plugin's
 // max-volumes (default 64) and its memory budget (pkg/membudget), which
 // admits a volume only when its worst case fits: with 10 GiB cache slices
-// that is about 33 MiB of index + 2 MiB of buffers + 20 MiB of scratch
+// that is about 33 MiB of index + 8 MiB of buffers + 20 MiB of scratch
 // per volume before NBD payloads, so 64 such volumes reserve about
-// 3.5 GiB. CPU is not the limit for idle volumes (a tick a second each);
+// 3.8 GiB. CPU is not the limit for idle volumes (a tick a second each);
 // a busy volume's foreground is serial on its mu, so it uses at most about
 // one core for that (not measured on more than 2 cores).
 //

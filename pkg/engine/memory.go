@@ -68,9 +68,6 @@ func EstimateMemory(cacheSize int64, segmentSize, ramBuffers int) (Memory, error
 	if segmentSize == 0 {
 		segmentSize = layout.DefaultSegmentSize
 	}
-	if ramBuffers <= 0 {
-		ramBuffers = defaultBuffers
-	}
 	if segmentSize < layout.MinSegmentSize || segmentSize > layout.MaxSegmentSize || segmentSize%blockSize != 0 {
 		return Memory{}, fmt.Errorf("engine: segment size %d is not valid", segmentSize)
 	}
@@ -80,6 +77,9 @@ func EstimateMemory(cacheSize int64, segmentSize, ramBuffers int) (Memory, error
 	g := layout.Geometry{SegmentSize: segmentSize, NrSegments: uint64((cacheSize - layout.RingOffset) / int64(segmentSize))}
 	if err := checkAddressable(g); err != nil {
 		return Memory{}, err
+	}
+	if ramBuffers <= 0 {
+		ramBuffers = defaultBuffers(g.NrSegments)
 	}
 	nd := uint64(g.DataBlocks())
 	batchSegs := min(uint64(maxBatchedWriteback()), g.NrSegments/2+1)

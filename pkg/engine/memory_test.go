@@ -100,3 +100,27 @@ func TestOpenRefusesUnaddressableBacking(t *testing.T) {
 		t.Fatalf("backing of 2^48+1 blocks: %v, want ErrUnaddressable", err)
 	}
 }
+
+// TestDefaultBuffersFollowTheRing: with no RAMBuffers asked for, a cache
+// gets 16 buffers, or a quarter of a smaller ring (never fewer than the 4
+// of earlier versions where the ring has room), and EstimateMemory agrees.
+// 16 at any size refused small caches (the 8 MiB minimum slice has 14
+// segments).
+func TestDefaultBuffersFollowTheRing(t *testing.T) {
+	for _, c := range []struct{ segs, want int }{{2, 1}, {3, 2}, {8, 4}, {14, 4}, {40, 10}, {64, 16}, {300, 16}} {
+		size := testCacheSize(c.segs)
+		e := openTest(t, blockdev.NewMem(size, nil), blockdev.NewMem(64<<20, nil), func(o *Options) { o.RAMBuffers = 0 })
+		got := e.Status().Memory.Buffers
+		e.Close()
+		if want := int64(BufferBytes(testSegSize, c.want)); got != want {
+			t.Errorf("%d segments: %d bytes of RAM buffers, want %d buffers (%d bytes)", c.segs, got, c.want, want)
+		}
+		est, err := EstimateMemory(size, testSegSize, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if est.Buffers != got {
+			t.Errorf("%d segments: estimate %d bytes of buffers, open engine %d", c.segs, est.Buffers, got)
+		}
+	}
+}

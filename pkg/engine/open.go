@@ -52,7 +52,7 @@ func Open(opts Options) (*Engine, error) {
 	}
 	nbuf := opts.RAMBuffers
 	if nbuf <= 0 {
-		nbuf = defaultBuffers
+		nbuf = defaultBuffers(e.nseg)
 	}
 	if uint64(nbuf) >= e.nseg {
 		return nil, fmt.Errorf("engine: %d RAM buffers need a ring of more than %d segments", nbuf, e.nseg)
