@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
+	"github.com/writeboost-csi/writeboost-csi/pkg/layout"
 	"github.com/writeboost-csi/writeboost-csi/pkg/nodestate"
 	"github.com/writeboost-csi/writeboost-csi/pkg/params"
 	"github.com/writeboost-csi/writeboost-csi/pkg/pool"
@@ -175,7 +176,10 @@ func (s ControllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolum
 		return nil, status.Errorf(codes.ResourceExhausted, "node %s already has %d volumes (max %d)", d.opts.NodeID, n, d.opts.MaxVolumes)
 	}
 	cacheSize := d.cacheSizeFor(p, capacity)
-	if err := d.allocate(id, capacity, cacheSize); err != nil {
+	if err := p.CheckRAMBuffers(cacheSize); err != nil {
+		return nil, paramError(err)
+	}
+	if err := d.allocate(id, capacity, cacheSize, p.RAMBuffers(layout.DefaultSegmentSize)); err != nil {
 		if _, ok := status.FromError(err); ok {
 			return nil, err // the memory budget's refusal
 		}
@@ -196,14 +200,14 @@ func (s ControllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolum
 
 // allocate creates the backing volume and the cache slice, undoing the
 // first when the second fails.
-func (d *Driver) allocate(id string, capacity, cacheSize int64) error {
+func (d *Driver) allocate(id string, capacity, cacheSize int64, ramBuffers int) error {
 	if free, err := d.opts.HDD.Capacity(); err == nil && free < capacity {
 		return fmt.Errorf("%w: hdd pool has %d bytes free, %d needed", pool.ErrNoSpace, free, capacity)
 	}
 	if free, err := d.opts.NVMe.Capacity(); err == nil && free < cacheSize {
 		return fmt.Errorf("%w: nvme pool has %d bytes free, %d needed", pool.ErrNoSpace, free, cacheSize)
 	}
-	if err := d.admitCreate(id, cacheSize); err != nil {
+	if err := d.admitCreate(id, cacheSize, ramBuffers); err != nil {
 		return err
 	}
 	if _, err := d.opts.HDD.Create(id, capacity); err != nil {

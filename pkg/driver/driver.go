@@ -326,11 +326,10 @@ func (d *Driver) readoptOne(ctx context.Context, v nodestate.Volume) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if need, err := memoryNeed(v.ID, v.CacheSize); err == nil {
+	if need, err := memoryNeed(v.ID, v.CacheSize, ramBuffersOf(v)); err == nil {
 		d.forceMemory(v.ID, need) // it was staged: counted, never refused
 	}
-	dev, err := d.opts.Runtime.Stage(ctx, volume.Spec{ID: v.ID, BackingPath: v.Staged.BackingPath,
-		CachePath: v.Staged.CachePath, Tunables: p.Tunables})
+	dev, err := d.opts.Runtime.Stage(ctx, d.stagedSpec(v, p))
 	if err != nil {
 		return err
 	}

@@ -377,3 +377,59 @@ func TestIdentityAndProbe(t *testing.T) {
 		t.Fatalf("node info %v %v", ni, err)
 	}
 }
+
+// TestStagedSpecSurvivesRestart: what NodeStageVolume gives the data path
+// (ramBufferSize's RAM buffers, a thin pool's TRIM passed down) is what a
+// restarted plugin gives it when it re-adopts the volume. Re-adoption
+// built its own spec and dropped BackingDiscard, so after a restart a
+// thin pool's space was no longer given back on TRIM.
+func TestStagedSpecSurvivesRestart(t *testing.T) {
+	dir := t.TempDir()
+	hdd, err := pool.New(pool.Config{Kind: pool.KindDirectory, Path: filepath.Join(dir, "hdd"), Discard: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	nvme, _ := pool.New(pool.Config{Kind: pool.KindDirectory, Path: filepath.Join(dir, "nvme")})
+	st, err := nodestate.Open(filepath.Join(dir, "state"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rt := &fakeRuntime{}
+	d, err := New(Options{NodeID: "n1", HDD: hdd, NVMe: nvme, State: st, Runtime: rt, Mounter: &fakeMounter{}, MinCacheSize: 8 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cs, ns := ControllerServer{d: d}, NodeServer{d: d}
+	ctx := context.Background()
+	// More than half the cache slice is refused, naming the parameter.
+	_, err = cs.CreateVolume(ctx, createReq("big", 64<<20, map[string]string{"cacheSize": "16Mi", "ramBufferSize": "9Mi"}))
+	if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "ramBufferSize") {
+		t.Fatalf("ramBufferSize over half the slice: %v", err)
+	}
+	v, err := cs.CreateVolume(ctx, createReq("a", 64<<20, map[string]string{"cacheSize": "32Mi", "ramBufferSize": "3Mi"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := v.Volume.VolumeId
+	staging := filepath.Join(t.TempDir(), "staging")
+	if _, err := ns.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+		VolumeCapability: blockCap, VolumeContext: v.Volume.VolumeContext}); err != nil {
+		t.Fatal(err)
+	}
+	staged := rt.running[id]
+	if staged.RAMBuffers != 6 || !staged.BackingDiscard {
+		t.Fatalf("staged spec: %d RAM buffers (want 6 of 512 KiB for 3Mi), BackingDiscard %v (want true on a discard pool)",
+			staged.RAMBuffers, staged.BackingDiscard)
+	}
+	rt2 := &fakeRuntime{}
+	d2, err := New(Options{NodeID: "n1", HDD: hdd, NVMe: nvme, State: st, Runtime: rt2, Mounter: &fakeMounter{}, MinCacheSize: 8 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d2.Readopt(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := rt2.running[id]; got != staged {
+		t.Fatalf("re-adopted with %+v, staged with %+v", got, staged)
+	}
+}

@@ -8,8 +8,10 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/writeboost-csi/writeboost-csi/pkg/engine"
+	"github.com/writeboost-csi/writeboost-csi/pkg/layout"
 	"github.com/writeboost-csi/writeboost-csi/pkg/membudget"
 	"github.com/writeboost-csi/writeboost-csi/pkg/nodestate"
+	"github.com/writeboost-csi/writeboost-csi/pkg/params"
 )
 
 // The node's memory budget (package membudget): NodeStage reserves a
@@ -19,9 +21,9 @@ import (
 // scheduler placed here can always be staged.
 
 // memoryNeed is the worst-case memory of a volume with a cache slice of
-// cacheSize bytes.
-func memoryNeed(id string, cacheSize int64) (int64, error) {
-	_, need, err := membudget.Need(cacheSize)
+// cacheSize bytes and ramBuffers RAM buffers (0: the engine's default).
+func memoryNeed(id string, cacheSize int64, ramBuffers int) (int64, error) {
+	_, need, err := membudget.Need(cacheSize, ramBuffers)
 	if errors.Is(err, engine.ErrUnaddressable) {
 		return 0, status.Errorf(codes.OutOfRange, "volume %s: cache slice of %d bytes: %v", id, cacheSize, err)
 	}
@@ -29,6 +31,17 @@ func memoryNeed(id string, cacheSize int64) (int64, error) {
 		return 0, status.Errorf(codes.InvalidArgument, "volume %s: cache slice of %d bytes: %v", id, cacheSize, err)
 	}
 	return need, nil
+}
+
+// ramBuffersOf is the RAM buffers v's parameters ask for (0: the
+// engine's default; parameters that no longer parse count as that too:
+// staging them is refused anyway).
+func ramBuffersOf(v nodestate.Volume) int {
+	p, err := params.Parse(v.Params)
+	if err != nil {
+		return 0
+	}
+	return p.RAMBuffers(layout.DefaultSegmentSize)
 }
 
 // committedMemory is what the node's volumes other than id need, staged
@@ -41,7 +54,7 @@ func (d *Driver) committedMemory(except string) int64 {
 			continue
 		}
 		seen[v.ID] = true
-		if n, err := memoryNeed(v.ID, v.CacheSize); err == nil {
+		if n, err := memoryNeed(v.ID, v.CacheSize, ramBuffersOf(v)); err == nil {
 			sum += n
 		}
 	}
@@ -55,8 +68,8 @@ func (d *Driver) committedMemory(except string) int64 {
 
 // admitCreate refuses a new volume whose memory would not fit beside the
 // node's volumes.
-func (d *Driver) admitCreate(id string, cacheSize int64) error {
-	need, err := memoryNeed(id, cacheSize)
+func (d *Driver) admitCreate(id string, cacheSize int64, ramBuffers int) error {
+	need, err := memoryNeed(id, cacheSize, ramBuffers)
 	if err != nil {
 		return err
 	}
@@ -69,7 +82,7 @@ func (d *Driver) admitCreate(id string, cacheSize int64) error {
 // admitStage reserves v's memory before its data path starts. A volume
 // whose data path already runs is counted whatever the budget says.
 func (d *Driver) admitStage(v nodestate.Volume) error {
-	need, err := memoryNeed(v.ID, v.CacheSize)
+	need, err := memoryNeed(v.ID, v.CacheSize, ramBuffersOf(v))
 	if err != nil {
 		return err
 	}
@@ -105,7 +118,7 @@ func (d *Driver) budgetFigures() (int64, map[string]int64) {
 // does (-1: no bound).
 func (d *Driver) memoryCacheLimit() int64 {
 	free := d.opts.Budget.Limit() - d.committedMemory("")
-	small, err := memoryNeed("", d.opts.MinCacheSize)
+	small, err := memoryNeed("", d.opts.MinCacheSize, 0)
 	if err != nil || free < small {
 		return 0
 	}

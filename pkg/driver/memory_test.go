@@ -21,7 +21,7 @@ import (
 // started until the plugin was OOM-killed.
 func TestMemoryBudget(t *testing.T) {
 	ctx := context.Background()
-	_, one, err := membudget.Need(16 << 20)
+	_, one, err := membudget.Need(16<<20, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,6 +15,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/writeboost-csi/writeboost-csi/pkg/engine"
+	"github.com/writeboost-csi/writeboost-csi/pkg/layout"
 	"github.com/writeboost-csi/writeboost-csi/pkg/nodestate"
 	"github.com/writeboost-csi/writeboost-csi/pkg/params"
 	"github.com/writeboost-csi/writeboost-csi/pkg/pool"
@@ -201,9 +202,20 @@ func (d *Driver) rollbackStage(ctx context.Context, id, target string, hadRecord
 	klog.InfoS("Undid a failed NodeStageVolume", "volume", id)
 }
 
+// stagedSpec is the spec of a volume staged before (re-adoption after a
+// restart): the devices its record names, and everything else as
+// NodeStageVolume's specFor sets it, so a restarted plugin runs the volume
+// as it ran before (a thin pool's TRIM was not passed down after a
+// restart while re-adoption built its own spec).
+func (d *Driver) stagedSpec(v nodestate.Volume, p *params.Volume) volume.Spec {
+	return volume.Spec{ID: v.ID, BackingPath: v.Staged.BackingPath, CachePath: v.Staged.CachePath,
+		Tunables: p.Tunables, RAMBuffers: p.RAMBuffers(layout.DefaultSegmentSize),
+		BackingDiscard: v.BackingDevice == "" && pool.PassesDiscards(d.opts.HDD)}
+}
+
 // specFor finds (or for static PVs creates) the devices of v.
 func (d *Driver) specFor(v *nodestate.Volume, p *params.Volume) (volume.Spec, error) {
-	spec := volume.Spec{ID: v.ID, Tunables: p.Tunables}
+	spec := volume.Spec{ID: v.ID, Tunables: p.Tunables, RAMBuffers: p.RAMBuffers(layout.DefaultSegmentSize)}
 	if v.BackingDevice != "" {
 		spec.BackingPath = v.BackingDevice
 		if _, err := os.Stat(v.BackingDevice); err != nil {
@@ -216,6 +228,9 @@ func (d *Driver) specFor(v *nodestate.Volume, p *params.Volume) (volume.Spec, er
 			}
 			v.Capacity = size
 			v.CacheSize = d.cacheSizeFor(p, size)
+		}
+		if err := p.CheckRAMBuffers(v.CacheSize); err != nil {
+			return spec, paramError(err)
 		}
 		path, err := d.opts.NVMe.Create(cacheName(v.ID), v.CacheSize)
 		if err != nil {

@@ -20,6 +20,8 @@ import (
 
 	"github.com/writeboost-csi/writeboost-csi/pkg/attach"
 	"github.com/writeboost-csi/writeboost-csi/pkg/blockdev"
+	"github.com/writeboost-csi/writeboost-csi/pkg/engine"
+	"github.com/writeboost-csi/writeboost-csi/pkg/layout"
 	"github.com/writeboost-csi/writeboost-csi/pkg/nodestate"
 	"github.com/writeboost-csi/writeboost-csi/pkg/pool"
 	"github.com/writeboost-csi/writeboost-csi/pkg/volume"
@@ -695,4 +697,37 @@ func TestDeadlineHonoured(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.check(sweepLife[1].want)
+}
+
+// TestRAMBufferSizeReachesTheEngine: a StorageClass's ramBufferSize sizes
+// the RAM buffers of the engine the real runtime starts (in-memory
+// devices), and the default applies without it.
+func TestRAMBufferSizeReachesTheEngine(t *testing.T) {
+	ctx := context.Background()
+	for _, c := range []struct {
+		params map[string]string
+		want   int
+	}{{map[string]string{"cacheSize": "64Mi", "ramBufferSize": "3Mi"}, 6}, {map[string]string{"cacheSize": "64Mi"}, 16}} {
+		e := newSweepEnv(t)
+		r, err := ControllerServer{d: e.d}.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-1", Parameters: c.params,
+			CapacityRange: &csi.CapacityRange{RequiredBytes: 256 << 20}, VolumeCapabilities: []*csi.VolumeCapability{mountCap}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.id = r.Volume.VolumeId
+		if _, err := (NodeServer{d: e.d}).NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: e.id,
+			StagingTargetPath: e.staging, VolumeCapability: mountCap, VolumeContext: r.Volume.VolumeContext}); err != nil {
+			t.Fatal(err)
+		}
+		info, ok := e.mgr.Get(e.id)
+		if !ok {
+			t.Fatal("staged volume not running")
+		}
+		if want := int64(engine.BufferBytes(layout.DefaultSegmentSize, c.want)); info.Status.Memory.Buffers != want {
+			t.Errorf("%v: the engine holds %d bytes of RAM buffers, want %d buffers (%d bytes)", c.params, info.Status.Memory.Buffers, c.want, want)
+		}
+		if err := e.unstage(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
 }

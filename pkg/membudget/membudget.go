@@ -80,9 +80,10 @@ func RequestBytes() int64 {
 }
 
 // Need is the worst-case memory of a volume whose cache slice is
-// cacheSize bytes; a cache the format cannot address is an error.
-func Need(cacheSize int64) (engine.Memory, int64, error) {
-	m, err := engine.EstimateMemory(cacheSize, 0, 0)
+// cacheSize bytes with ramBuffers RAM buffers (0: the engine's default);
+// a cache the format cannot address is an error.
+func Need(cacheSize int64, ramBuffers int) (engine.Memory, int64, error) {
+	m, err := engine.EstimateMemory(cacheSize, 0, ramBuffers)
 	if err != nil {
 		return m, 0, err
 	}

@@ -48,7 +48,7 @@ func TestReserve(t *testing.T) {
 }
 
 func TestNeed(t *testing.T) {
-	m, need, err := Need(10 << 30)
+	m, need, err := Need(10<<30, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -59,7 +59,7 @@ func TestNeed(t *testing.T) {
 	if need != m.Total()+RequestBytes() || m.Scratch < 16<<20 || m.Buffers < 2<<20 {
 		t.Fatalf("need %d for %+v", need, m)
 	}
-	if _, _, err := Need(17 << 40); err == nil {
+	if _, _, err := Need(17<<40, 0); err == nil {
 		t.Fatal("a 17 TiB cache slice was given a figure")
 	}
 }

@@ -16,11 +16,13 @@ import (
 	"strings"
 
 	"github.com/writeboost-csi/writeboost-csi/pkg/engine"
+	"github.com/writeboost-csi/writeboost-csi/pkg/layout"
 )
 
 // Parameter keys.
 const (
 	KeyCacheSize              = "cacheSize"
+	KeyRAMBufferSize          = "ramBufferSize"
 	KeyWritebackThreshold     = "writebackThreshold"
 	KeyMaxBatchedWriteback    = "maxBatchedWriteback"
 	KeyUpdateSbRecordInterval = "updateSbRecordInterval"
@@ -54,6 +56,13 @@ var FSTypes = []string{"ext4", "xfs"}
 // 1 MiB superblock area plus a ring of more segments than RAM buffers.
 const MinCacheSize = 8 << 20
 
+// RAM buffer sizes accepted: at least one segment, at most 256 MiB (the
+// RAM buffers of every staged volume live in the plugin pod's memory).
+const (
+	MinRAMBufferSize = int64(layout.DefaultSegmentSize)
+	MaxRAMBufferSize = 256 << 20
+)
+
 // DefaultFSType is used when the StorageClass gives none.
 const DefaultFSType = "ext4"
 
@@ -62,6 +71,9 @@ type Volume struct {
 	// CacheSize in bytes; 0 when not given (the driver then uses the
 	// configured fraction of the volume).
 	CacheSize int64
+	// RAMBufferSize in bytes; 0 when not given (the engine's default:
+	// 16 segments, 8 MiB, fewer on a small cache slice).
+	RAMBufferSize int64
 	// FSType is "" when not given.
 	FSType string
 	// Tunables holds every tunable: the given values over the defaults.
@@ -98,6 +110,12 @@ func Parse(m map[string]string) (*Volume, error) {
 				return nil, &Error{Key: k, Msg: fmt.Sprintf("%q is below the minimum of 8Mi (the cache holds its superblock and a ring of several segments)", m[k])}
 			}
 			v.CacheSize = n
+		case k == KeyRAMBufferSize:
+			n, err := ParseQuantity(val)
+			if err != nil || n < MinRAMBufferSize || n > MaxRAMBufferSize {
+				return nil, &Error{Key: k, Msg: fmt.Sprintf("%q is not a size from 512Ki to 256Mi (examples: 8Mi, 64Mi)", m[k])}
+			}
+			v.RAMBufferSize = n
 		case k == KeyFSType:
 			if !isFSType(val) {
 				return nil, &Error{Key: k, Msg: fmt.Sprintf("%q is not supported; allowed: %s", m[k], strings.Join(FSTypes, ", "))}
@@ -147,9 +165,28 @@ func isFSType(s string) bool {
 	return false
 }
 
+// RAMBuffers is the number of RAM buffers of segmentSize bytes that
+// RAMBufferSize asks for (rounded up), or 0 for the engine's default.
+func (v *Volume) RAMBuffers(segmentSize int) int {
+	if v.RAMBufferSize == 0 {
+		return 0
+	}
+	return int((v.RAMBufferSize + int64(segmentSize) - 1) / int64(segmentSize))
+}
+
+// CheckRAMBuffers refuses a RAMBufferSize of more than half the cache
+// slice of cacheSize bytes: the buffers wait for slots of the slice's
+// ring, which must keep room for the log.
+func (v *Volume) CheckRAMBuffers(cacheSize int64) error {
+	if v.RAMBufferSize > 0 && v.RAMBufferSize > cacheSize/2 {
+		return &Error{Key: KeyRAMBufferSize, Msg: fmt.Sprintf("%d bytes is more than half the volume's cache slice of %d bytes", v.RAMBufferSize, cacheSize)}
+	}
+	return nil
+}
+
 // Keys lists every accepted key, sorted.
 func Keys() []string {
-	keys := []string{KeyCacheSize, KeyFSType}
+	keys := []string{KeyCacheSize, KeyRAMBufferSize, KeyFSType}
 	for k := range tunableKeys {
 		keys = append(keys, k)
 	}
@@ -256,6 +293,8 @@ func Markdown() string {
 	b.WriteString("| Parameter | Values | Default | Effect |\n|---|---|---|---|\n")
 	b.WriteString("| `" + KeyCacheSize + "` | size (e.g. `1Gi`), at least `8Mi` | `defaultCacheFraction` of the volume, at least `minCacheSize` | " +
 		"size of the volume's cache slice on the NVMe pool: the burst of writes absorbed at NVMe speed and the working set served from it |\n")
+	b.WriteString("| `" + KeyRAMBufferSize + "` | size from `512Ki` to `256Mi` (e.g. `64Mi`), at most half the cache slice | `8Mi` (fewer on a cache slice under 32 MiB) | " +
+		"RAM taken by the volume's write buffers (segments being filled and waiting for the cache device): room for deep queues of large writes; counted in the node's memory budget |\n")
 	b.WriteString("| `" + KeyFSType + "` | `ext4`, `xfs` | `ext4` | filesystem made on Mount volumes |\n")
 	for _, k := range Keys() {
 		s, ok := Spec(k)

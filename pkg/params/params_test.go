@@ -107,3 +107,33 @@ func TestMarkdownMentionsEveryKey(t *testing.T) {
 		}
 	}
 }
+
+func TestRAMBufferSize(t *testing.T) {
+	v, err := Parse(map[string]string{"ramBufferSize": "3Mi"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.RAMBufferSize != 3<<20 || v.RAMBuffers(512<<10) != 6 || v.RAMBuffers(1<<20) != 3 {
+		t.Fatalf("3Mi: %+v, %d buffers of 512 KiB", v, v.RAMBuffers(512<<10))
+	}
+	if v, _ := Parse(map[string]string{"ramBufferSize": "700Ki"}); v.RAMBuffers(512<<10) != 2 {
+		t.Fatalf("700Ki rounds up to 2 buffers of 512 KiB, got %d", v.RAMBuffers(512<<10))
+	}
+	if v, _ := Parse(nil); v.RAMBuffers(512<<10) != 0 {
+		t.Fatal("no ramBufferSize must leave the engine's default (0)")
+	}
+	for _, bad := range []string{"0", "100Ki", "257Mi", "1Gi", "x", "-1Mi"} {
+		_, err := Parse(map[string]string{"ramBufferSize": bad})
+		var pe *Error
+		if !errors.As(err, &pe) || pe.Key != KeyRAMBufferSize || !strings.Contains(pe.Msg, "256Mi") {
+			t.Errorf("ramBufferSize %q: %v", bad, err)
+		}
+	}
+	if err := v.CheckRAMBuffers(6 << 20); err != nil {
+		t.Errorf("3Mi on a 6Mi slice: %v", err)
+	}
+	var pe *Error
+	if err := v.CheckRAMBuffers(6<<20 - 4096); !errors.As(err, &pe) || pe.Key != KeyRAMBufferSize {
+		t.Errorf("3Mi on a slice of less than 6Mi: %v", err)
+	}
+}

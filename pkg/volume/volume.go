@@ -47,6 +47,8 @@ type Spec struct {
 	// BackingDiscard passes TRIM down to the backing device: only for a
 	// thin pool that asks for it (pool.PassesDiscards).
 	BackingDiscard bool
+	// RAMBuffers is the engine's RAM buffers (0: its default).
+	RAMBuffers int
 }
 
 // Manager runs the staged volumes of this node, one Volume each.
@@ -94,6 +96,7 @@ func (m *Manager) config(s Spec) Config {
 		// is taken at open.
 		AllowBackingGrowth: true,
 		BackingDiscard:     s.BackingDiscard,
+		RAMBuffers:         s.RAMBuffers,
 		BufferPath:         m.bufferPath(s.ID),
 		Tunables:           s.Tunables,
 		Socket:             m.SocketPath(s.ID),

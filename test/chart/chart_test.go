@@ -800,10 +800,12 @@ func TestDefaultValues(t *testing.T) {
 	})
 
 	// The default StorageClass lists every tunable the plugin knows (cacheSize
-	// stays empty: the configured fraction applies), at the engine's defaults.
+	// and ramBufferSize stay out: the configured fraction and the engine's
+	// default, which follows the slice's size, apply), at the engine's
+	// defaults.
 	sc := o.storageClasses[0]
 	for _, k := range params.Keys() {
-		if _, ok := sc.Parameters[k]; !ok && k != params.KeyCacheSize {
+		if _, ok := sc.Parameters[k]; !ok && k != params.KeyCacheSize && k != params.KeyRAMBufferSize {
 			t.Errorf("default StorageClass lacks the parameter %q", k)
 		}
 	}
