@@ -183,6 +183,11 @@ func (c *testClient) send(typ, flags uint16, handle, off uint64, length uint32, 
 		c.readLen[handle] = length
 		c.mu.Unlock()
 	}
+	c.write(requestBytes(typ, flags, handle, off, length, payload))
+}
+
+// requestBytes is one request as sent on the wire.
+func requestBytes(typ, flags uint16, handle, off uint64, length uint32, payload []byte) []byte {
 	b := make([]byte, nbdproto.RequestHeaderSize, nbdproto.RequestHeaderSize+len(payload))
 	binary.BigEndian.PutUint32(b[0:], nbdproto.MagicRequest)
 	binary.BigEndian.PutUint16(b[4:], flags)
@@ -190,7 +195,7 @@ func (c *testClient) send(typ, flags uint16, handle, off uint64, length uint32, 
 	binary.BigEndian.PutUint64(b[8:], handle)
 	binary.BigEndian.PutUint64(b[16:], off)
 	binary.BigEndian.PutUint32(b[24:], length)
-	c.write(append(b, payload...))
+	return append(b, payload...)
 }
 
 func (c *testClient) recv() (replyMsg, error) {

@@ -178,6 +178,17 @@ func (c *conn) readLoop() error {
 			c.flushPending()
 			c.budget.acquire(weight)
 		}
+		if c.srv.closing.Load() {
+			// Shutting down: a request read now is neither run nor
+			// answered, and the connection closes once the requests
+			// read before have their replies. The kernel's nbd driver
+			// (after RECONFIGURE) and our relay (after it redials) send
+			// an unanswered request again to the next server; an error
+			// reply would reach the filesystem above as EIO (a graceful
+			// plugin upgrade failed a writer's fsync with ESHUTDOWN).
+			c.budget.release(weight)
+			return nil
+		}
 
 		inline := !c.srv.cfg.NoInline && req.Length <= inlineMaxLen && ((req.Type == nbdproto.CmdWrite && req.Flags&nbdproto.CmdFlagFUA == 0 &&
 			time.Duration(c.writeCost.Load()) < inlineMaxCost) ||
@@ -240,9 +251,6 @@ func (c *conn) readLoop() error {
 // check validates a request against the export before any backend call.
 func (c *conn) check(req nbdproto.Request) uint32 {
 	exp := c.exp
-	if c.srv.closing.Load() {
-		return nbdproto.ErrShutdown
-	}
 	switch req.Type {
 	case nbdproto.CmdRead, nbdproto.CmdWrite, nbdproto.CmdTrim, nbdproto.CmdWriteZeroes:
 	case nbdproto.CmdFlush:

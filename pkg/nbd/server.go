@@ -182,7 +182,8 @@ func (s *Server) Serve(l net.Listener) error {
 
 // Shutdown stops accepting connections, lets each connection finish and
 // reply to the requests it has already read, then closes it. Requests that
-// arrive meanwhile get ESHUTDOWN. If ctx ends first, the connections are
+// arrive meanwhile get no reply (the client sends them again to the next
+// server; see conn.readLoop). If ctx ends first, the connections are
 // closed at once and ctx's error is returned; requests already handed to a
 // backend may then still be running when Shutdown returns.
 func (s *Server) Shutdown(ctx context.Context) error {

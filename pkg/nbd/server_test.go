@@ -619,6 +619,54 @@ func TestShutdownFinishesInFlight(t *testing.T) {
 	}
 }
 
+// TestShutdownLeavesLaterRequestsUnanswered: a request the server reads
+// after its Shutdown began is neither run nor answered, and the connection
+// closes once what was read before has its reply. An error reply (it was
+// ESHUTDOWN) is EIO to the filesystem above the kernel's nbd device,
+// while a request left unanswered is sent again on the next server's
+// connection (the kernel's nbd driver after RECONFIGURE, our relay after
+// it redials): in the real-kernel tier a graceful plugin upgrade failed a
+// writer's fsync with "Other side returned error (108)".
+func TestShutdownLeavesLaterRequestsUnanswered(t *testing.T) {
+	g := newGateBackend(1<<20, 4096)
+	// One request in flight: the reader has read the second request's
+	// header and waits for room until the first is answered.
+	s := NewServer(Config{MaxInFlightRequests: 1})
+	if err := s.AddExport(Export{Backend: g}); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "s.sock")
+	l, err := ListenUnix(path, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go s.Serve(l)
+	c := connect(t, path, "")
+	c.write(append(requestBytes(nbdproto.CmdWrite, 0, 1, 4096, 4, []byte("data")),
+		requestBytes(nbdproto.CmdWrite, 0, 2, 8192, 4, []byte("late"))...))
+	<-g.entered
+	shut := make(chan error, 1)
+	go func() { shut <- s.Shutdown(context.Background()) }()
+	for !s.shuttingDown() {
+		time.Sleep(time.Millisecond)
+	}
+	close(g.gates[4096])
+	if r := c.mustRecv(); r.handle != 1 || r.errno != 0 {
+		t.Fatalf("the request read before the shutdown: handle %d errno %d", r.handle, r.errno)
+	}
+	if r, err := c.recv(); err == nil {
+		t.Fatalf("the request read after the shutdown began was answered (handle %d, errno %d); want no reply and the connection closed", r.handle, r.errno)
+	}
+	if err := <-shut; err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	b := make([]byte, 4)
+	g.MemBackend.ReadAt(b, 8192)
+	if string(b) == "late" {
+		t.Error("the request read after the shutdown began was run")
+	}
+}
+
 func TestManyConnectionsConcurrent(t *testing.T) {
 	const size = 4 << 20
 	m := NewMemBackend(size)
