@@ -7,7 +7,8 @@
 # Three boots: the main run (every system: fio jobs, sustained jobs, drain),
 # the fill of the power-cut figure (QEMU is killed once every cache is full
 # and flushed), and the boot after it (recovery time, data verified). About
-# 20-30 minutes under TCG on 2 cores. Not part of the tests.
+# 17-30 minutes under TCG on 2 cores (17.4 on a quiet host with the 60 s
+# sustained jobs). Not part of the tests.
 #
 # Environment: BENCHVM_ARGS (extra arguments for `bench vm`, e.g.
 # "--runtime 4s --sustained 15s"), BENCHVM_SYSTEMS (comma-separated ids),

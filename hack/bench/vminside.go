@@ -49,7 +49,7 @@ func vmMain(args []string) error {
 	fs.Int64Var(&o.hdd, "hdd-size", 1<<30, "HDD model size (its full stroke), bytes")
 	fs.DurationVar(&o.short, "runtime", 5*time.Second, "measured time of each short job")
 	fs.DurationVar(&o.ramp, "ramp", 1*time.Second, "ramp before each short job")
-	fs.DurationVar(&o.sustained, "sustained", 20*time.Second, "measured time of each sustained job")
+	fs.DurationVar(&o.sustained, "sustained", 60*time.Second, "measured time of each sustained job (60 s: long enough for the log to wrap many times at 0.5x the cache)")
 	fs.DurationVar(&o.drainLimit, "drain-limit", 2*time.Minute, "give up a drain after this long")
 	fs.Float64Var(&o.fill, "fill", 0.6, "power cut: share of the cache filled with dirty data")
 	fs.StringVar(&o.systems, "systems", "", "comma-separated system ids (default: all)")
