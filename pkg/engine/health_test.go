@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"os"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -16,6 +15,7 @@ import (
 
 	"github.com/writeboost-csi/writeboost-csi/pkg/blockdev"
 	"github.com/writeboost-csi/writeboost-csi/pkg/layout"
+	"github.com/writeboost-csi/writeboost-csi/test/testenv"
 )
 
 // deadCache is a cache device that can die: every operation the engine
@@ -273,23 +273,11 @@ func TestLostFlushedSegmentsReported(t *testing.T) {
 	}
 }
 
-// syncBuffer is a bytes.Buffer safe for klog's writers.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
 // captureLog sends klog's output to a buffer until the test ends, and
 // returns what it holds so far, the preceding newline included.
 func captureLog(t *testing.T) func() string {
-	b := &syncBuffer{}
-	b.buf.WriteByte('\n')
+	b := &testenv.SyncBuffer{}
+	b.Write([]byte{'\n'})
 	klog.LogToStderr(false)
 	klog.SetOutput(b)
 	t.Cleanup(func() {
@@ -298,9 +286,7 @@ func captureLog(t *testing.T) func() string {
 	})
 	return func() string {
 		klog.Flush()
-		b.mu.Lock()
-		defer b.mu.Unlock()
-		return b.buf.String()
+		return b.String()
 	}
 }
 

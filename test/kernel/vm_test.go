@@ -204,7 +204,7 @@ type boot struct {
 	lines   chan string
 	mu      sync.Mutex
 	out     []string
-	stderr  lockedBuffer // run.sh's and QEMU's own messages
+	stderr  testenv.SyncBuffer // run.sh's and QEMU's own messages
 	done    chan struct{}
 	rc      int
 }
@@ -343,22 +343,4 @@ func (b *boot) guestFailure() string {
 		}
 	}
 	return ""
-}
-
-// lockedBuffer is an io.Writer several goroutines may write.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf strings.Builder
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
 }

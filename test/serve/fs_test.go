@@ -36,7 +36,7 @@ func attach(t *testing.T, s *server, dir string) *attachment {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	var out syncBuffer
+	var out testenv.SyncBuffer
 	a.fuse = exec.Command("nbdfuse", dir, "--unix", s.socket)
 	a.fuse.Stdout, a.fuse.Stderr = &out, &out
 	if err := a.fuse.Start(); err != nil {

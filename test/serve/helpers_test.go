@@ -5,7 +5,6 @@
 package serve
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -66,29 +65,11 @@ func binary(t *testing.T) string {
 	return binPath
 }
 
-// syncBuffer is a bytes.Buffer safe for a process writer and a reader.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // server is one running `writeboost serve`.
 type server struct {
 	t       *testing.T
 	cmd     *exec.Cmd
-	out     *syncBuffer
+	out     *testenv.SyncBuffer
 	dataDir string
 	socket  string
 	control string
@@ -102,7 +83,7 @@ type server struct {
 func startServe(t *testing.T, dir string, args ...string) *server {
 	t.Helper()
 	bin := binary(t)
-	s := &server{t: t, out: &syncBuffer{}, done: make(chan struct{}),
+	s := &server{t: t, out: &testenv.SyncBuffer{}, done: make(chan struct{}),
 		dataDir: filepath.Join(dir, "writeboost-data")}
 	s.socket = filepath.Join(s.dataDir, "nbd.sock")
 	s.control = filepath.Join(s.dataDir, "control.sock")

@@ -2,11 +2,14 @@
 // features skip with a clear message on a developer's machine, and fail
 // instead in CI, where hack/deps.sh installs everything
 // (WRITEBOOST_REQUIRE_TOOLS=1), so a CI run can never pass by skipping.
+// It also holds the few helpers several test packages share.
 package testenv
 
 import (
+	"bytes"
 	"os"
 	"os/exec"
+	"sync"
 	"testing"
 )
 
@@ -55,4 +58,24 @@ func RequireKernelFeature(t testing.TB, path, what string) {
 		}
 		t.Skipf("skipping: %s not available (%s absent); this kernel lacks it (make vm-test runs it)", what, path)
 	}
+}
+
+// SyncBuffer is a bytes.Buffer that several goroutines may write (a
+// process's output, klog's writers) while a test reads it.
+type SyncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *SyncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+// String is what was written so far.
+func (b *SyncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
