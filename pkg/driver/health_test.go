@@ -66,17 +66,7 @@ func (n *nbdClient) do(cmd uint16, off int64, length int, payload []byte) (uint3
 func liveVolume(t *testing.T) (*sweepEnv, *nbdClient) {
 	e := newSweepEnv(t)
 	ctx := context.Background()
-	r, err := ControllerServer{d: e.d}.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-h",
-		Parameters:    map[string]string{"writebackThreshold": "0"},
-		CapacityRange: &csi.CapacityRange{RequiredBytes: sweepSize}, VolumeCapabilities: []*csi.VolumeCapability{mountCap}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.id = r.Volume.VolumeId
-	if _, err := (NodeServer{d: e.d}).NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: e.id,
-		StagingTargetPath: e.staging, VolumeCapability: mountCap, VolumeContext: r.Volume.VolumeContext}); err != nil {
-		t.Fatal(err)
-	}
+	e.createStaged(t, "pvc-h", sweepSize, map[string]string{"writebackThreshold": "0"})
 	if err := e.publish(ctx); err != nil {
 		t.Fatal(err)
 	}

@@ -399,6 +399,23 @@ func (e *sweepEnv) create(ctx context.Context) error {
 	return err
 }
 
+// createStaged creates a volume of size bytes with StorageClass params and
+// stages it with the volume context CreateVolume gave, as kubelet does.
+func (e *sweepEnv) createStaged(t *testing.T, name string, size int64, params map[string]string) {
+	t.Helper()
+	ctx := context.Background()
+	r, err := ControllerServer{d: e.d}.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, Parameters: params,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: size}, VolumeCapabilities: []*csi.VolumeCapability{mountCap}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.id = r.Volume.VolumeId
+	if _, err := (NodeServer{d: e.d}).NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: e.id,
+		StagingTargetPath: e.staging, VolumeCapability: mountCap, VolumeContext: r.Volume.VolumeContext}); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func (e *sweepEnv) stage(ctx context.Context) error {
 	_, err := NodeServer{d: e.d}.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: e.id,
 		StagingTargetPath: e.staging, VolumeCapability: mountCap})
@@ -709,16 +726,7 @@ func TestRAMBufferSizeReachesTheEngine(t *testing.T) {
 		want   int
 	}{{map[string]string{"cacheSize": "64Mi", "ramBufferSize": "3Mi"}, 6}, {map[string]string{"cacheSize": "64Mi"}, 16}} {
 		e := newSweepEnv(t)
-		r, err := ControllerServer{d: e.d}.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-1", Parameters: c.params,
-			CapacityRange: &csi.CapacityRange{RequiredBytes: 256 << 20}, VolumeCapabilities: []*csi.VolumeCapability{mountCap}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		e.id = r.Volume.VolumeId
-		if _, err := (NodeServer{d: e.d}).NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: e.id,
-			StagingTargetPath: e.staging, VolumeCapability: mountCap, VolumeContext: r.Volume.VolumeContext}); err != nil {
-			t.Fatal(err)
-		}
+		e.createStaged(t, "pvc-1", 256<<20, c.params)
 		info, ok := e.mgr.Get(e.id)
 		if !ok {
 			t.Fatal("staged volume not running")

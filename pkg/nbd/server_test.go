@@ -631,16 +631,7 @@ func TestShutdownLeavesLaterRequestsUnanswered(t *testing.T) {
 	g := newGateBackend(1<<20, 4096)
 	// One request in flight: the reader has read the second request's
 	// header and waits for room until the first is answered.
-	s := NewServer(Config{MaxInFlightRequests: 1})
-	if err := s.AddExport(Export{Backend: g}); err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(t.TempDir(), "s.sock")
-	l, err := ListenUnix(path, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go s.Serve(l)
+	s, path := startServer(t, Config{MaxInFlightRequests: 1}, Export{Backend: g})
 	c := connect(t, path, "")
 	c.write(append(requestBytes(nbdproto.CmdWrite, 0, 1, 4096, 4, []byte("data")),
 		requestBytes(nbdproto.CmdWrite, 0, 2, 8192, 4, []byte("late"))...))
