@@ -287,11 +287,7 @@ func (e *Engine) writePassThrough(p []byte, off int64) (int, error) {
 	// older copy over this write.
 	e.wbMu.RLock()
 	defer e.wbMu.RUnlock()
-	e.backing.begin()
-	_, err := e.backing.WriteAt(p, off)
-	e.backing.end()
-	if err != nil {
-		e.noteBackingError()
+	if err := e.writeBackingRLocked(p, off); err != nil {
 		return 0, fmt.Errorf("%w: backing device (cache failed, pass-through): %v", ErrIO, err)
 	}
 	return len(p), nil

@@ -2,6 +2,20 @@ package engine
 
 import "fmt"
 
+// writeBackingRLocked is a foreground write of p at off to the backing
+// device: metered (backing utilisation counts it) and, when it fails,
+// noted as a backing error. The caller holds wbMu for reading, so that a
+// writeback batch in flight cannot write an older copy over it.
+func (e *Engine) writeBackingRLocked(p []byte, off int64) error {
+	e.backing.begin()
+	_, err := e.backing.WriteAt(p, off)
+	e.backing.end()
+	if err != nil {
+		e.noteBackingError()
+	}
+	return err
+}
+
 // writeAround writes straight to the backing device, durably, and drops
 // cached copies of the blocks.
 func (e *Engine) writeAround(p []byte, off int64) (int, error) {
@@ -9,11 +23,7 @@ func (e *Engine) writeAround(p []byte, off int64) (int, error) {
 	// must not write it over this write (wbMu).
 	e.wbMu.RLock()
 	defer e.wbMu.RUnlock()
-	e.backing.begin()
-	_, err := e.backing.WriteAt(p, off)
-	e.backing.end()
-	if err != nil {
-		e.noteBackingError()
+	if err := e.writeBackingRLocked(p, off); err != nil {
 		return 0, fmt.Errorf("%w: backing device: %v", ErrIO, err)
 	}
 	if err := e.backing.Flush(); err != nil {
